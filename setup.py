@@ -1,0 +1,29 @@
+"""ssl_jax: information-theoretic self-supervised learning in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='ssl_jax',
+    version='0.1.0',
+    description='VICReg, VICReg-IT (log-det / pairwise-distance entropy), BYOL, '
+                'SimCLR and Barlow Twins in JAX/Flax, from a CPU to a TPU pod.',
+    packages=setuptools.find_packages(include=['ssl_jax', 'ssl_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10,<0.11',
+        'flax>=0.12,<0.13',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11',
+        'tensorflow-cpu>=2.18',
+        'tensorflow-datasets>=4.9.7',
+        'ml-collections>=1.0',
+        'chex>=0.1.90',
+        'absl-py',
+        'numpy',
+        'matplotlib',
+        'tqdm',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist', 'scipy'],
+    },
+)

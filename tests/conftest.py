@@ -1,0 +1,14 @@
+"""Test-session setup: 8 fake CPU devices for the multi-device tests.
+
+XLA reads the flag when the CPU backend starts, so it must be set before
+anything imports jax; conftest.py is imported before every test module.
+"""
+
+import os
+
+_flag = '--xla_force_host_platform_device_count=8'
+if _flag not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow is only the input pipeline here; keep it off the GPU and small.
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')

@@ -1,0 +1,344 @@
+"""Functional tests of the pure loss terms and entropy estimators.
+
+Values against closed forms and hand-worked examples, gradients against
+finite differences in float64, the Gram route against the D x D route,
+stability on degenerate inputs, invariances, and input validation.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from ssl_jax import estimators
+from ssl_jax import losses
+
+
+@pytest.fixture(autouse=True)
+def float64():
+  with jax.enable_x64(True):
+    yield
+
+
+def normal(seed, shape, dtype=jnp.float64, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def whitened(n, d, std, seed=0):
+  """[N, D] with zero mean and sample covariance (N-1 normaliser) std^2 I."""
+  x = np.random.default_rng(seed).normal(size=(n, d))
+  x -= x.mean(0)
+  q, _ = np.linalg.qr(x)               # orthonormal columns, each orthogonal to 1
+  return jnp.asarray(q * math.sqrt(n - 1) * std)
+
+
+# Single-view and two-view terms, as (name, fn(z_a, z_b) -> scalar).
+SINGLE_VIEW = {
+    'variance': lambda z: losses.variance(z)[0],
+    'covariance': lambda z: losses.covariance(z)[0],
+    'logdet_entropy': lambda z: estimators.logdet_entropy(z, beta=0.7)[0],
+    'logdet_entropy_n-1': lambda z: estimators.logdet_entropy(z, normalizer='n-1')[0],
+    'pairwise_upper': lambda z: estimators.pairwise_entropy(z, sigma=1.3, bound='upper')[0],
+    'pairwise_lower': lambda z: estimators.pairwise_entropy(z, sigma=1.3, bound='lower')[0],
+}
+TWO_VIEW = {
+    'invariance': lambda a, b: losses.invariance(a, b)[0],
+    'vicreg': lambda a, b: losses.vicreg(a, b)[0],
+    'vicreg_sum': lambda a, b: losses.vicreg(a, b, var_reduce='sum')[0],
+    'barlow_twins': lambda a, b: losses.barlow_twins(a, b)[0],
+    'nt_xent': lambda a, b: losses.nt_xent(a, b, temperature=0.5)[0],
+    'byol_regression': lambda a, b: losses.byol_regression(a, b)[0],
+}
+
+
+# ---------------------------------------------------------------- closed forms
+
+@pytest.mark.parametrize('n,d', [(64, 8), (16, 32)])
+def test_whitened_data_has_zero_covariance_and_variance_hinge(n, d):
+  z = whitened(n, min(d, n - 1), std=1.5)
+  assert float(losses.covariance(z)[0]) == pytest.approx(0.0, abs=1e-10)
+  assert float(losses.variance(z, gamma=1.0)[0]) == 0.0
+  # ... and the hinge is exactly gamma - sqrt(std^2 + eps) when std < gamma.
+  expected = 2.0 - math.sqrt(1.5 ** 2 + 1e-4)
+  assert float(losses.variance(z, gamma=2.0)[0]) == pytest.approx(expected, rel=1e-10)
+
+
+def _random_spd(d, seed):
+  a = np.random.default_rng(seed).normal(size=(d, d))
+  return a @ a.T / d + 0.5 * np.eye(d)
+
+
+def test_logdet_and_gaussian_entropy_of_a_large_gaussian_sample():
+  d, n, beta = 5, 200_000, 0.8
+  s = _random_spd(d, 1)
+  z = np.random.default_rng(2).multivariate_normal(np.zeros(d), s, size=n)
+  true_logdet = 0.5 * np.linalg.slogdet(np.eye(d) + beta * s)[1]
+  # Sampling std of log det of a sample covariance is ~sqrt(2 D / N) = 0.007;
+  # 0.5 * that * 5 sigma = 0.018.
+  assert float(estimators.logdet_entropy(jnp.asarray(z), beta=beta)[0]) == pytest.approx(
+      true_logdet, abs=0.018)
+  true_h = 0.5 * d * math.log(2 * math.pi * math.e) + 0.5 * np.linalg.slogdet(s)[1]
+  assert float(estimators.gaussian_entropy(jnp.asarray(z))[0]) == pytest.approx(
+      true_h, abs=0.018)
+
+
+def test_pairwise_bounds_sandwich_monte_carlo_mixture_entropy():
+  n, d, sigma = 12, 2, 0.6
+  centres = np.random.default_rng(3).normal(size=(n, d))
+  rng = np.random.default_rng(4)
+  m = 400_000
+  x = centres[rng.integers(0, n, m)] + sigma * rng.normal(size=(m, d))
+  d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)                    # [M, N]
+  log_comp = -d2 / (2 * sigma ** 2) - 0.5 * d * math.log(2 * math.pi * sigma ** 2)
+  log_p = np.logaddexp.reduce(log_comp, axis=1) - math.log(n)
+  h_mc, h_se = -log_p.mean(), log_p.std() / math.sqrt(m)
+  z = jnp.asarray(centres)
+  upper = float(estimators.pairwise_entropy(z, sigma=sigma, bound='upper')[0])
+  lower = float(estimators.pairwise_entropy(z, sigma=sigma, bound='lower')[0])
+  assert lower - 4 * h_se <= h_mc <= upper + 4 * h_se
+  assert lower < upper
+  # The general limits: between one component's entropy and that + log N.
+  h_component = 0.5 * d * math.log(2 * math.pi * math.e * sigma ** 2)
+  assert h_component <= lower and upper <= h_component + math.log(n)
+
+
+def test_pairwise_entropy_saturates_when_components_separate():
+  """Far-apart components: both bounds reach H(component) + log N."""
+  z = 1e3 * jnp.eye(6, dtype=jnp.float64)  # six distinct, far-apart rows
+  h_max = 0.5 * 6 * math.log(2 * math.pi * math.e) + math.log(6)
+  for bound in ('upper', 'lower'):
+    assert float(estimators.pairwise_entropy(z, bound=bound)[0]) == pytest.approx(h_max)
+
+
+# ------------------------------------------------------ hand-worked examples
+
+# Columns of Z_A have mean 0; zc^T zc = [[4, 0, 4], [0, 4, -4], [4, -4, 8]].
+Z_A = jnp.array([[1., 1., 0.], [-1., -1., 0.], [1., -1., 2.], [-1., 1., -2.]])
+# Z_B - Z_A has three entries of +-1, the rest 0.
+Z_B = jnp.array([[0., 1., 0.], [-1., 0., 0.], [1., -1., 1.], [-1., 1., -2.]])
+
+
+def test_hand_invariance():
+  # Three squared differences of 1 over 4 * 3 entries.
+  assert float(losses.invariance(Z_A, Z_B)[0]) == pytest.approx(3 / 12)
+
+
+def test_hand_variance():
+  # var (N-1 = 3): 4/3, 4/3, 8/3; gamma = 2.
+  std = [math.sqrt(4 / 3 + 1e-4)] * 2 + [math.sqrt(8 / 3 + 1e-4)]
+  expected = sum(max(0.0, 2 - s) for s in std) / 3
+  assert float(losses.variance(Z_A, gamma=2.0)[0]) == pytest.approx(expected)
+  assert float(losses.variance(Z_A, gamma=1.0)[0]) == 0.0  # all std > 1
+
+
+def test_hand_covariance():
+  # C = zc^T zc / 3; off-diagonal entries +-4/3 (twice each) -> 4 * 16/9, / D=3.
+  assert float(losses.covariance(Z_A)[0]) == pytest.approx(4 * (4 / 3) ** 2 / 3)
+
+
+def test_hand_vicreg_matches_weighted_sum_of_its_terms():
+  inv, var_a, var_b = 3 / 12, 0.0, None
+  zb = Z_B - Z_B.mean(0)
+  # Z_B column variances (N-1): [4/3, 4/3, (1/4 + 1/4 + 1 + 9/4 ... computed below)]
+  var_b_cols = [float(np.var(np.asarray(zb[:, k]), ddof=1)) for k in range(3)]
+  var_b = sum(max(0.0, 1 - math.sqrt(v + 1e-4)) for v in var_b_cols) / 3
+  cov_b = float(losses.covariance(Z_B)[0])
+  cov_a = 4 * (4 / 3) ** 2 / 3
+  expected = 25 * inv + 25 * 0.5 * (var_a + var_b) + 1 * (cov_a + cov_b)
+  loss, metrics = losses.vicreg(Z_A, Z_B)
+  assert float(loss) == pytest.approx(expected)
+  assert float(metrics['invariance']) == pytest.approx(inv)
+
+
+def test_hand_barlow_twins():
+  # Each column has mean 0 and biased variance 1, so batch norm divides by
+  # sqrt(1 + eps); z_b swaps the roles of the columns: c = [[0, 1], [1, 0]] / (1 + eps).
+  z_a = jnp.array([[1., 1.], [-1., -1.], [1., -1.], [-1., 1.]])
+  z_b = jnp.array([[1., 1.], [-1., -1.], [-1., 1.], [1., -1.]])
+  eps, lambd = 1e-5, 0.0051
+  off = 1 / (1 + eps)
+  expected = 0.1 * ((1 - 0) ** 2 * 2 + lambd * 2 * off ** 2)
+  assert float(losses.barlow_twins(z_a, z_b, lambd=lambd, scale=0.1, eps=eps)[0]) == (
+      pytest.approx(expected))
+
+
+def test_hand_nt_xent():
+  tau = 0.5
+  e = jnp.eye(2)
+  # Identical views: positive similarity 1, two negatives with similarity 0.
+  assert float(losses.nt_xent(e, e, temperature=tau)[0]) == pytest.approx(
+      math.log(1 + 2 * math.exp(-1 / tau)))
+  # Swapped views: positive has similarity 0, one negative has similarity 1.
+  assert float(losses.nt_xent(e, e[::-1], temperature=tau)[0]) == pytest.approx(
+      math.log(2 + math.exp(1 / tau)))
+  # Scale-free: embeddings are L2-normalised first.
+  assert float(losses.nt_xent(3 * e, 0.5 * e, temperature=tau)[0]) == pytest.approx(
+      math.log(1 + 2 * math.exp(-1 / tau)))
+
+
+def test_hand_logdet_and_pairwise():
+  # Two points at distance a in D = 1: zc = [-a/2, a/2], C = a^2/4 (normaliser N = 2).
+  a, beta, sigma = 3.0, 0.5, 1.2
+  z = jnp.array([[0.0], [a]])
+  assert float(estimators.logdet_entropy(z, beta=beta)[0]) == pytest.approx(
+      0.5 * math.log(1 + beta * a * a / 4))
+  for bound, c in (('upper', 2), ('lower', 8)):
+    expected = (0.5 * math.log(2 * math.pi * math.e * sigma ** 2) + math.log(2)
+                - math.log(1 + math.exp(-a * a / (c * sigma ** 2))))
+    assert float(estimators.pairwise_entropy(z, sigma=sigma, bound=bound)[0]) == (
+        pytest.approx(expected))
+
+
+def test_hand_byol():
+  p = jnp.array([[1., 0.], [0., 2.]])
+  t = jnp.array([[2., 0.], [1., 0.]])   # cos = 1 and 0
+  assert float(losses.byol_regression(p, t)[0]) == pytest.approx((0 + 2) / 2)
+
+
+def test_median_sigma_uses_the_median_squared_distance():
+  z = jnp.array([[0.0], [1.0], [3.0]])  # squared distances 1, 9, 4 -> median 4
+  _, metrics = estimators.pairwise_entropy(z, sigma=0.5, sigma_mode='median')
+  assert float(metrics['sigma2']) == pytest.approx(0.25 * 4)
+
+
+# ------------------------------------------------------------------ gradients
+
+@pytest.mark.parametrize('name', sorted(SINGLE_VIEW))
+def test_single_view_gradients_match_finite_differences(name):
+  z = normal(0, (10, 6))
+  check_grads(SINGLE_VIEW[name], (z,), order=2, modes=['rev'])
+
+
+@pytest.mark.parametrize('name', sorted(TWO_VIEW))
+def test_two_view_gradients_match_finite_differences(name):
+  z_a, z_b = normal(1, (10, 6)), normal(2, (10, 6))
+  fn = TWO_VIEW[name]
+  if name == 'byol_regression':
+    # The target is under stop_gradient: only p gets a gradient.
+    check_grads(lambda p: fn(p, z_b), (z_a,), order=2, modes=['rev'])
+    assert not np.any(jax.grad(fn, argnums=1)(z_a, z_b))
+  else:
+    check_grads(fn, (z_a, z_b), order=2, modes=['rev'])
+
+
+def test_gaussian_entropy_gradient():
+  check_grads(lambda z: estimators.gaussian_entropy(z)[0], (normal(3, (20, 4)),),
+              order=2, modes=['rev'])
+
+
+def test_median_sigma_gradient_treats_sigma_as_a_constant():
+  z = normal(4, (9, 3))
+  _, metrics = estimators.pairwise_entropy(z, sigma_mode='median', sigma=0.8)
+  fixed_sigma = math.sqrt(float(metrics['sigma2']))
+  grad_median = jax.grad(lambda z: estimators.pairwise_entropy(
+      z, sigma_mode='median', sigma=0.8)[0])(z)
+  grad_fixed = jax.grad(lambda z: estimators.pairwise_entropy(
+      z, sigma=fixed_sigma)[0])(z)
+  np.testing.assert_allclose(grad_median, grad_fixed, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------- Gram route = D x D route
+
+@pytest.mark.parametrize('n,d', [(6, 20), (20, 6)])
+@pytest.mark.parametrize('fn', [
+    lambda z, route: losses.covariance(z, route=route)[0],
+    lambda z, route: estimators.logdet_entropy(z, beta=0.5, route=route)[0],
+], ids=['covariance', 'logdet_entropy'])
+def test_gram_route_equals_covariance_route(n, d, fn):
+  z = normal(5, (n, d))
+  v_gram, g_gram = jax.value_and_grad(lambda z: fn(z, 'gram'))(z)
+  v_cov, g_cov = jax.value_and_grad(lambda z: fn(z, 'cov'))(z)
+  np.testing.assert_allclose(v_gram, v_cov, rtol=1e-12)
+  np.testing.assert_allclose(g_gram, g_cov, rtol=1e-9, atol=1e-12)
+  assert losses.resolve_route('auto', n, d) == ('gram' if n < d else 'cov')
+
+
+# ------------------------------------------------------------------ stability
+
+DEGENERATE = {
+    'identical_views': lambda: (normal(6, (8, 5)),) * 2,
+    'collapsed': lambda: (jnp.ones((8, 5)), jnp.ones((8, 5))),
+    'large_scale': lambda: (normal(6, (8, 5), scale=1e4), normal(7, (8, 5), scale=1e4)),
+    'small_scale': lambda: (normal(6, (8, 5), scale=1e-4), normal(7, (8, 5), scale=1e-4)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DEGENERATE))
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('name', sorted(SINGLE_VIEW) + sorted(TWO_VIEW))
+def test_values_and_gradients_are_finite(case, dtype, name):
+  z_a, z_b = (z.astype(dtype) for z in DEGENERATE[case]())
+  if name in SINGLE_VIEW:
+    fn = lambda a, b: SINGLE_VIEW[name](a) + SINGLE_VIEW[name](b)
+  else:
+    fn = TWO_VIEW[name]
+  value, grads = jax.value_and_grad(fn, argnums=(0, 1))(z_a, z_b)
+  assert value.dtype == jnp.float32  # statistics in float32 for low precision
+  assert np.isfinite(float(value)), value
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g, np.float32))), g
+
+
+# ----------------------------------------------------------------- invariances
+
+@pytest.mark.parametrize('name', sorted(SINGLE_VIEW) + sorted(TWO_VIEW))
+def test_permuting_the_batch_changes_nothing(name):
+  z_a, z_b = normal(8, (12, 5)), normal(9, (12, 5))
+  perm = np.random.default_rng(0).permutation(12)
+  if name in SINGLE_VIEW:
+    fn = lambda a, b: SINGLE_VIEW[name](a)
+  else:
+    fn = TWO_VIEW[name]
+  assert float(fn(z_a[perm], z_b[perm])) == pytest.approx(float(fn(z_a, z_b)), rel=1e-10)
+
+
+@pytest.mark.parametrize('fn', [
+    lambda z: estimators.logdet_entropy(z)[0],
+    lambda z: estimators.logdet_entropy(z, route='gram')[0],
+    lambda z: estimators.gaussian_entropy(z)[0],
+    lambda z: estimators.pairwise_entropy(z, bound='upper')[0],
+    lambda z: estimators.pairwise_entropy(z, bound='lower', sigma_mode='median')[0],
+])
+def test_entropy_is_rotation_invariant(fn):
+  z = normal(10, (16, 6))
+  rotation, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(6, 6)))
+  assert float(fn(z @ rotation)) == pytest.approx(float(fn(z)), rel=1e-10)
+
+
+# ----------------------------------------------------------------- bad inputs
+
+BAD_CALLS = [
+    (lambda: losses.variance(jnp.ones((4, 3, 2))), 'rank 2'),
+    (lambda: losses.covariance(jnp.ones((4,))), 'rank 2'),
+    (lambda: losses.invariance(jnp.ones((4, 3)), jnp.ones((4, 2))), 'same shape'),
+    (lambda: losses.vicreg(jnp.ones((4, 3)), jnp.ones((5, 3))), 'same shape'),
+    (lambda: losses.covariance(jnp.ones((1, 3))), 'N >= 2'),
+    (lambda: estimators.logdet_entropy(jnp.ones((1, 3))), 'N >= 2'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((1, 3))), 'N >= 2'),
+    (lambda: losses.variance(jnp.ones((4, 3), jnp.int32)), 'floating dtype'),
+    (lambda: losses.nt_xent(jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), jnp.int32)),
+     'floating dtype'),
+    (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), beta=0.0), 'beta must be > 0'),
+    (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), beta=-1.0), 'beta must be > 0'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), sigma=0.0), 'sigma must be > 0'),
+    (lambda: losses.nt_xent(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=-0.1),
+     'temperature must be > 0'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), bound='middle'), 'bound'),
+    (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), normalizer='n+1'), 'normalizer'),
+    (lambda: losses.covariance(jnp.ones((4, 3)), route='fast'), 'route'),
+    (lambda: estimators.gaussian_entropy(jnp.ones((4, 8))), 'N > D'),
+]
+
+
+@pytest.mark.parametrize('call,message', BAD_CALLS)
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_bad_input_is_caught_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match='same shape'):
+    jax.jit(lambda a, b: losses.invariance(a, b)[0])(jnp.ones((4, 3)), jnp.ones((4, 2)))
