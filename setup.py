@@ -19,6 +19,7 @@ setuptools.setup(
         'ml-collections>=1.0',
         'chex>=0.1.90',
         'absl-py',
+        'importlib_resources',  # tensorflow-datasets imports it without declaring it
         'numpy',
         'matplotlib',
         'tqdm',

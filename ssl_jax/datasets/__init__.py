@@ -1,0 +1,1 @@
+"""TFDS builders for datasets that ssl_jax reads from local files."""

@@ -1,0 +1,349 @@
+"""TFDS -> per-process tf.data -> global jax.Array batches.
+
+Pretraining batches are {'image': uint8 [B, H, W, C], 'label': int32 [B]}
+(plus 'view_b' where crops must be taken on the host, see below); the two
+augmented views are made on device by `augment.two_views`, so augmentation
+is keyed by (seed, step) and a resumed run replays it exactly.
+
+Design (big_vision input_pipeline, flax examples):
+- Each process reads its own disjoint shard,
+  `tfds.even_splits(split, process_count)[process_index]`.
+- Shuffle -> repeat -> batch(global_batch // process_count) -> prefetch.
+  The order of epoch e is a shuffle seeded by (seed, e), so the data position
+  at step k is a pure function of (seed, k): resuming at step k starts at
+  epoch k*B // n and skips only the rest of that epoch.
+- `DeviceIterator` turns host batches into global arrays sharded over the
+  mesh's 'data' axis and keeps the next batches in flight on the devices.
+
+Datasets of fixed image size (Fashion-MNIST, CIFAR, STL-10) are cropped on
+device; ImageNet's images vary in size, so its two random-resized crops are
+taken on the host here (tf.image.sample_distorted_bounding_box) and the
+device skips the crop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+from ssl_jax import sharding
+
+# TensorFlow is imported lazily by the functions that need it, so importing
+# ssl_jax (e.g. for the losses) does not pay for it.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the pipeline and the model need to know about a dataset."""
+  tfds_name: str
+  pretrain_split: str      # images used for self-supervised pretraining
+  train_split: str         # labelled split for the probes
+  test_split: str
+  image_size: int          # side of the (square) training images
+  channels: int
+  num_classes: int
+  mean: tuple[float, ...]  # per-channel, on images scaled to [0, 1]
+  std: tuple[float, ...]
+  variable_size: bool = False   # crops must be taken on the host
+  cache: bool = False           # small enough to keep decoded in memory
+  how_to_get: str = ''
+
+
+_MANUAL = ('It cannot be downloaded by ssl_jax; prepare it once with TFDS where you have the '
+           'files (see https://www.tensorflow.org/datasets/catalog/{name}) and pass '
+           '--config.data.data_dir=DIR.')
+
+DATASETS: dict[str, DatasetSpec] = {
+    'fashion_mnist': DatasetSpec(
+        'fashion_mnist_local', 'train', 'train', 'test', 28, 1, 10,
+        (0.2860,), (0.3530,), cache=True),
+    'cifar10': DatasetSpec(
+        'cifar10', 'train', 'train', 'test', 32, 3, 10,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), cache=True,
+        how_to_get=_MANUAL.format(name='cifar10')),
+    'cifar100': DatasetSpec(
+        'cifar100', 'train', 'train', 'test', 32, 3, 100,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), cache=True,
+        how_to_get=_MANUAL.format(name='cifar100')),
+    'stl10': DatasetSpec(
+        'stl10', 'unlabelled+train', 'train', 'test', 96, 3, 10,
+        (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713),
+        how_to_get=_MANUAL.format(name='stl10')),
+    'imagenet2012': DatasetSpec(
+        'imagenet2012', 'train', 'train', 'validation', 224, 3, 1000,
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), variable_size=True,
+        how_to_get=('ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
+                    'ILSVRC2012_img_val.tar in <data_dir>/downloads/manual and run '
+                    "tfds.builder('imagenet2012', data_dir=<data_dir>).download_and_prepare().")),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}. '
+                     'Set --config.data.name to one of them.')
+  return DATASETS[name]
+
+
+# ----------------------------------------------------------------------------
+# Builders.
+# ----------------------------------------------------------------------------
+
+def _fashion_mnist_builder(data_dir: Optional[str]):
+  """TFDS's own prepared `fashion_mnist` if present, else the local idx build."""
+  import tensorflow_datasets as tfds
+  from ssl_jax.datasets import fashion_mnist_local
+  official = tfds.builder('fashion_mnist', data_dir=data_dir)
+  if official.is_prepared():
+    return official
+  return fashion_mnist_local.FashionMnistLocal(data_dir=data_dir)
+
+
+def _builder(name: str, data_dir: Optional[str]):
+  import tensorflow_datasets as tfds
+  if name == 'fashion_mnist':
+    return _fashion_mnist_builder(data_dir)
+  return tfds.builder(get_spec(name).tfds_name, data_dir=data_dir)
+
+
+def _prepare_fashion_mnist(builder) -> None:
+  """Builds the TFDS files from Debian's idx files once (about 15 s)."""
+  import tensorflow_datasets as tfds
+  from ssl_jax.datasets import fashion_mnist_local
+  source = fashion_mnist_local.source_dir()
+  missing = fashion_mnist_local.missing_files(source)
+  if missing:
+    raise FileNotFoundError(
+        f'Fashion-MNIST is neither prepared in the TFDS data dir nor found as idx files '
+        f'in {source} (missing {missing}). {fashion_mnist_local.HOW_TO_GET}')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=source))
+
+
+def load_split(name: str, split, *, data_dir: Optional[str] = None,
+               shuffle_files: bool = False, seed: int = 0):
+  """A tf.data.Dataset of {'image', 'label'} for `split`, with clear errors.
+
+  `split` may be any TFDS split expression, including even_splits' objects.
+  """
+  import tensorflow_datasets as tfds
+  spec = get_spec(name)
+  builder = _builder(name, data_dir)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  decoders = {'image': tfds.decode.SkipDecoding()} if spec.variable_size else None
+
+  def as_dataset():
+    return builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                              read_config=read_config, decoders=decoders)
+
+  # as_dataset first: under tfds.testing.mock_data builders report that they
+  # are not prepared, yet serve data.
+  try:
+    return as_dataset()
+  except Exception as error:  # pylint: disable=broad-except
+    if builder.is_prepared():
+      raise
+    if name == 'fashion_mnist':
+      _prepare_fashion_mnist(builder)
+      return as_dataset()
+    raise FileNotFoundError(
+        f'Dataset {name!r} ({spec.tfds_name}) is not prepared in the TFDS data dir '
+        f'{builder.data_dir_root}. {spec.how_to_get}') from error
+
+
+def process_split(split: str, process_index: int, process_count: int):
+  """This process's disjoint part of `split`; together they cover it."""
+  import tensorflow_datasets as tfds
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  return tfds.even_splits(split, process_count)[process_index]
+
+
+# ----------------------------------------------------------------------------
+# Host-side preprocessing.
+# ----------------------------------------------------------------------------
+
+def _host_random_crop(image_bytes, size: int, scale, ratio, seed):
+  """Inception-style crop of an encoded image, resized to size x size (uint8)."""
+  import tensorflow as tf
+  shape = tf.image.extract_jpeg_shape(image_bytes)
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=seed, min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  y, x, _ = tf.unstack(begin)
+  h, w, _ = tf.unstack(crop)
+  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
+  image = tf.image.resize(image, [size, size], method='bicubic', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _host_center_crop(image_bytes, size: int, crop_fraction: float = 0.875):
+  """Resize-then-centre-crop for evaluation of variable-size images."""
+  import tensorflow as tf
+  image = tf.image.decode_jpeg(image_bytes, channels=3)
+  shape = tf.shape(image)
+  side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * crop_fraction, tf.int32)
+  y, x = (shape[0] - side) // 2, (shape[1] - side) // 2
+  image = tf.image.crop_to_bounding_box(image, y, x, side, side)
+  image = tf.image.resize(image, [size, size], method='bicubic', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _encode_if_raw(image):
+  """Mock datasets hand out decoded images where real ImageNet has JPEG bytes."""
+  import tensorflow as tf
+  if image.dtype == tf.string:
+    return image
+  return tf.io.encode_jpeg(image)
+
+
+def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int = 0,
+                     process_index: int = 0, process_count: int = 1,
+                     data_dir: Optional[str] = None, shuffle_buffer: int = 50_000,
+                     host_crop_scale=(0.08, 1.0), host_crop_ratio=(3 / 4, 4 / 3)):
+  """An infinite tf.data.Dataset of this process's pretraining batches.
+
+  Args:
+    name: a key of DATASETS.
+    local_batch: this process's batch, global_batch // process_count.
+    seed: fixes the shuffles (and host crops); epoch e uses seed (seed, e).
+    start_step: the first batch to yield: batches 0..start_step-1 of the same
+      (seed, process) stream are skipped, cheaply (whole epochs are not read).
+  Returns:
+    Batches {'image': uint8 [B, H, W, C], 'label': int32 [B]} and, for
+    variable-size datasets, 'view_b' (the second host crop of each image).
+  """
+  import tensorflow as tf
+  spec = get_spec(name)
+  if local_batch <= 0:
+    raise ValueError(f'local_batch must be > 0, got {local_batch}.')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  split = process_split(spec.pretrain_split, process_index, process_count)
+  base = load_split(name, split, data_dir=data_dir, shuffle_files=True, seed=seed)
+  if spec.cache:
+    base = base.cache()
+  n_local = int(base.cardinality())
+  if n_local < local_batch:
+    raise ValueError(f'This process holds {n_local} pretraining images of {name}, fewer '
+                     f'than one local batch ({local_batch}); lower the batch size.')
+
+  # The data position after start_step batches, in examples of this stream.
+  position = start_step * local_batch
+  first_epoch, skip = divmod(position, n_local)
+
+  def epoch(e):
+    return base.shuffle(min(shuffle_buffer, n_local), seed=seed * 1_000_003 + e,
+                        reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(skip)
+
+  if spec.variable_size:
+    size = spec.image_size
+
+    def crops(index, example):
+      image = _encode_if_raw(example['image'])
+      s = tf.stack([tf.cast(seed, tf.int64), index])
+      view_a = _host_random_crop(image, size, host_crop_scale, host_crop_ratio, s)
+      view_b = _host_random_crop(image, size, host_crop_scale, host_crop_ratio, s + 7)
+      return {'image': view_a, 'view_b': view_b, 'label': example['label']}
+
+    ds = ds.enumerate(start=position).map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  ds = ds.map(lambda ex: {**ex, 'label': tf.cast(ex['label'], tf.int32)})
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(name: str, split: str, *, local_batch: int, process_index: int = 0,
+                 process_count: int = 1, data_dir: Optional[str] = None):
+  """One pass over `split` without augmentation, padded to whole batches.
+
+  Yields {'image': uint8 [B, H, W, C], 'label': int32 [B], 'mask': bool [B]};
+  padding rows have mask False so that every batch has the same shape (one
+  compilation, divisible over devices).
+  """
+  import tensorflow as tf
+  spec = get_spec(name)
+  ds = load_split(name, process_split(split, process_index, process_count),
+                  data_dir=data_dir)
+  if spec.variable_size:
+    ds = ds.map(lambda ex: {'image': _host_center_crop(_encode_if_raw(ex['image']),
+                                                       spec.image_size),
+                            'label': ex['label']}, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32),
+                          'mask': True})
+  ds = ds.batch(local_batch, drop_remainder=False)
+
+  def pad(batch):
+    missing = local_batch - tf.shape(batch['label'])[0]
+    return {k: tf.pad(v, [[0, missing]] + [[0, 0]] * (len(v.shape) - 1))
+            for k, v in batch.items()}
+
+  return ds.map(pad).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Host -> device.
+# ----------------------------------------------------------------------------
+
+def local_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:
+  sharding.check_batch_divisible(global_batch, mesh)
+  return global_batch // jax.process_count()
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's numpy batch -> global arrays sharded over 'data'."""
+  data_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+class DeviceIterator:
+  """Iterates global device batches, keeping `prefetch` batches in flight.
+
+  Transfers are asynchronous, so while the devices run step k the host
+  already decodes and transfers batches k+1..k+prefetch.
+  """
+
+  def __init__(self, dataset, mesh: jax.sharding.Mesh, prefetch: int = 2):
+    self._host = iter(dataset.as_numpy_iterator())
+    self._mesh = mesh
+    self._queue = collections.deque()
+    self._prefetch = max(1, prefetch)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def _fill(self):
+    while len(self._queue) < self._prefetch:
+      try:
+        self._queue.append(to_global(next(self._host), self._mesh))
+      except StopIteration:
+        break
+
+  def __next__(self) -> dict[str, jax.Array]:
+    self._fill()
+    if not self._queue:
+      raise StopIteration
+    batch = self._queue.popleft()
+    self._fill()
+    return batch
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """TF is only the input pipeline: keep it off GPUs/TPUs JAX needs."""
+  import tensorflow as tf
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):
+      pass
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
