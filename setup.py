@@ -7,7 +7,7 @@ setuptools.setup(
     version='0.1.0',
     description='VICReg, VICReg-IT (log-det / pairwise-distance entropy), BYOL, '
                 'SimCLR and Barlow Twins in JAX/Flax, from a CPU to a TPU pod.',
-    packages=setuptools.find_packages(include=['ssl_jax', 'ssl_jax.*']),
+    packages=setuptools.find_packages(include=['ssl_jax', 'ssl_jax.*', 'configs']),
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.10,<0.11',
@@ -16,6 +16,7 @@ setuptools.setup(
         'orbax-checkpoint>=0.11',
         'tensorflow-cpu>=2.18',
         'tensorflow-datasets>=4.9.7',
+        'tensorboard',  # tf.summary needs it; tensorflow-cpu no longer depends on it
         'ml-collections>=1.0',
         'chex>=0.1.90',
         'absl-py',

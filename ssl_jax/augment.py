@@ -110,6 +110,7 @@ def views_from_config(preset: str, view_a: Optional[Mapping[str, Any]] = None,
   out = []
   for base, overrides in zip(PRESETS[preset], (view_a, view_b)):
     overrides = dict(overrides.to_dict() if hasattr(overrides, 'to_dict') else overrides or {})
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the preset's
     known = {f.name for f in dataclasses.fields(ViewParams)}
     unknown = set(overrides) - known
     if unknown:

@@ -49,6 +49,7 @@ class DatasetSpec:
   num_classes: int
   mean: tuple[float, ...]  # per-channel, on images scaled to [0, 1]
   std: tuple[float, ...]
+  num_pretrain_examples: int = 0   # images in pretrain_split (epochs -> steps)
   variable_size: bool = False   # crops must be taken on the host
   cache: bool = False           # small enough to keep decoded in memory
   how_to_get: str = ''
@@ -61,22 +62,22 @@ _MANUAL = ('It cannot be downloaded by ssl_jax; prepare it once with TFDS where 
 DATASETS: dict[str, DatasetSpec] = {
     'fashion_mnist': DatasetSpec(
         'fashion_mnist_local', 'train', 'train', 'test', 28, 1, 10,
-        (0.2860,), (0.3530,), cache=True),
+        (0.2860,), (0.3530,), 60_000, cache=True),
     'cifar10': DatasetSpec(
         'cifar10', 'train', 'train', 'test', 32, 3, 10,
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), cache=True,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 50_000, cache=True,
         how_to_get=_MANUAL.format(name='cifar10')),
     'cifar100': DatasetSpec(
         'cifar100', 'train', 'train', 'test', 32, 3, 100,
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), cache=True,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 50_000, cache=True,
         how_to_get=_MANUAL.format(name='cifar100')),
     'stl10': DatasetSpec(
         'stl10', 'unlabelled+train', 'train', 'test', 96, 3, 10,
-        (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713),
+        (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 105_000,
         how_to_get=_MANUAL.format(name='stl10')),
     'imagenet2012': DatasetSpec(
         'imagenet2012', 'train', 'train', 'validation', 224, 3, 1000,
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), variable_size=True,
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1_281_167, variable_size=True,
         how_to_get=('ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
                     'ILSVRC2012_img_val.tar in <data_dir>/downloads/manual and run '
                     "tfds.builder('imagenet2012', data_dir=<data_dir>).download_and_prepare().")),
@@ -98,9 +99,13 @@ def _fashion_mnist_builder(data_dir: Optional[str]):
   """TFDS's own prepared `fashion_mnist` if present, else the local idx build."""
   import tensorflow_datasets as tfds
   from ssl_jax.datasets import fashion_mnist_local
-  official = tfds.builder('fashion_mnist', data_dir=data_dir)
-  if official.is_prepared():
-    return official
+  root = data_dir or os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR
+  # Only look for TFDS's own copy where one could be: asking for a missing one
+  # makes TFDS log warnings on every call.
+  if os.path.isdir(os.path.join(os.path.expanduser(root), 'fashion_mnist')):
+    official = tfds.builder('fashion_mnist', data_dir=data_dir)
+    if official.is_prepared():
+      return official
   return fashion_mnist_local.FashionMnistLocal(data_dir=data_dir)
 
 

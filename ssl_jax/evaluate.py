@@ -1,0 +1,154 @@
+"""Evaluation of frozen features: extraction, linear probe and kNN.
+
+- `extract_features`: the encoder's pooled features of a whole split, with
+  BatchNorm in inference mode, gathered from every process.
+- `linear_probe`: multinomial logistic regression on standardised frozen
+  features (Adam, cosine schedule), accuracy on the test features.
+- `knn_accuracy`: weighted kNN with cosine similarity and exp(sim / T)
+  votes (Wu et al. 2018, as solo-learn and DINO), for several k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ssl_jax import augment
+from ssl_jax import input_pipeline
+from ssl_jax import train_step as train_step_lib
+
+
+def make_feature_fn(graphdef, image_size: int, mean, std) -> Callable:
+  """jitted (params, batch_stats, uint8 images [B, H, W, C]) -> features [B, F]."""
+
+  @jax.jit
+  def features(params, batch_stats, images):
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    x = augment.eval_view(images, out_size=image_size, mean=mean, std=std)
+    return model.encoder(x, train=False).astype(jnp.float32)
+
+  return features
+
+
+def extract_features(feature_fn: Callable, params, batch_stats, dataset, mesh,
+                     max_batches: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Runs feature_fn over an eval_dataset; returns (features [M, F], labels [M])."""
+  feats, labels = [], []
+  for i, batch in enumerate(input_pipeline.DeviceIterator(dataset, mesh)):
+    if max_batches is not None and i >= max_batches:
+      break
+    f = feature_fn(params, batch_stats, batch['image'])
+    f, y, m = (multihost_utils.process_allgather(a, tiled=True)
+               for a in (f, batch['label'], batch['mask']))
+    m = np.asarray(m, bool)
+    feats.append(np.asarray(f)[m])
+    labels.append(np.asarray(y)[m])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def raw_pixels(dataset, max_batches: Optional[int] = None, mean=None, std=None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Flattened normalised pixels of an eval_dataset: the linear-probe floor."""
+  xs, ys = [], []
+  for i, batch in enumerate(dataset.as_numpy_iterator()):
+    if max_batches is not None and i >= max_batches:
+      break
+    m = batch['mask'].astype(bool)
+    x = batch['image'][m].astype(np.float32) / 255.0
+    if mean is not None:
+      x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    xs.append(x.reshape(x.shape[0], -1))
+    ys.append(batch['label'][m])
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, *, num_classes: int, epochs: int = 30,
+                 batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 seed: int = 0) -> dict[str, float]:
+  """Trains a linear classifier on frozen features; returns train/test accuracy."""
+  if epochs <= 0:
+    raise ValueError(f'linear probe epochs must be > 0, got {epochs}.')
+  mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+  tr = jnp.asarray((train_x - mu) / sd, jnp.float32)
+  te = jnp.asarray((test_x - mu) / sd, jnp.float32)
+  tr_y, te_y = jnp.asarray(train_y, jnp.int32), jnp.asarray(test_y, jnp.int32)
+  n, f = tr.shape
+  batch_size = min(batch_size, n)
+  steps_per_epoch = n // batch_size
+  total = steps_per_epoch * epochs
+  tx = optax.adamw(optax.cosine_decay_schedule(lr, total), weight_decay=weight_decay)
+  probe = train_step_lib.init_probe(f, num_classes)
+  opt_state = tx.init(probe)
+
+  def step(carry, idx):
+    probe, opt_state = carry
+    (loss, _), grads = jax.value_and_grad(train_step_lib.probe_loss, has_aux=True)(
+        probe, tr[idx], tr_y[idx])
+    updates, opt_state = tx.update(grads, opt_state, probe)
+    return (optax.apply_updates(probe, updates), opt_state), loss
+
+  @jax.jit
+  def epoch(carry, key):
+    perm = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
+    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, batch_size))
+
+  carry = (probe, opt_state)
+  for key in jax.random.split(jax.random.key(seed), epochs):
+    carry, _ = epoch(carry, key)
+  probe = carry[0]
+  _, train_acc = train_step_lib.probe_loss(probe, tr, tr_y)
+  _, test_acc = train_step_lib.probe_loss(probe, te, te_y)
+  return {'train_acc': float(train_acc), 'test_acc': float(test_acc)}
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, *, num_classes: int, ks: Sequence[int] = (20, 200),
+                 temperature: float = 0.07, chunk: int = 500) -> dict[int, float]:
+  """Weighted cosine kNN accuracy on test for each k (votes exp(sim / T))."""
+  if temperature <= 0:
+    raise ValueError(f'kNN temperature must be > 0, got {temperature}.')
+  ks = [min(int(k), len(train_x)) for k in ks]
+  kmax = max(ks)
+  normalize = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  tr = jnp.asarray(normalize(train_x), jnp.float32)
+  tr_y = jnp.asarray(train_y, jnp.int32)
+
+  @jax.jit
+  def predict(q):
+    sims, idx = jax.lax.top_k(q @ tr.T, kmax)            # [C, kmax]
+    votes = jax.nn.one_hot(tr_y[idx], num_classes) * jnp.exp(sims / temperature)[..., None]
+    return jnp.stack([jnp.argmax(jnp.sum(votes[:, :k], axis=1), -1) for k in ks])
+
+  correct = np.zeros(len(ks))
+  te = normalize(test_x).astype(np.float32)
+  for start in range(0, len(te), chunk):
+    q = te[start:start + chunk]
+    pad = chunk - len(q)  # one compiled shape
+    preds = np.asarray(predict(jnp.asarray(np.pad(q, ((0, pad), (0, 0))))))[:, :len(q)]
+    correct += (preds == test_y[start:start + chunk][None]).sum(1)
+  return {k: float(c / len(te)) for k, c in zip(ks, correct)}
+
+
+def evaluate_features(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                      *, num_classes: int, config) -> dict[str, float]:
+  """Linear probe + kNN on (features, labels) pairs, as configured in config.eval."""
+  out = {}
+  probe = linear_probe(*train, *test, num_classes=num_classes, epochs=config.linear_epochs,
+                       lr=config.linear_lr, batch_size=config.linear_batch_size)
+  out['linear_train_acc'], out['linear_test_acc'] = probe['train_acc'], probe['test_acc']
+  for k, acc in knn_accuracy(*train, *test, num_classes=num_classes, ks=config.knn_k,
+                             temperature=config.knn_temperature).items():
+    out[f'knn{k}_test_acc'] = acc
+  return out
+
+
+def num_batches(num_examples: Optional[int], batch_size: int) -> Optional[int]:
+  return None if not num_examples else math.ceil(num_examples / batch_size)

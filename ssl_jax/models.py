@@ -1,0 +1,230 @@
+"""Flax NNX encoders, projector and predictor: `create_model(config)`.
+
+- ResNet-18/34/50 (He et al. 2016) with a CIFAR stem (3x3 conv, stride 1, no
+  max-pool; solo-learn) or an ImageNet stem (7x7 stride 2 + max-pool), and a
+  width multiplier.
+- `small_cnn`: a 4-layer convolutional encoder for 28x28 inputs on a CPU.
+- MLP heads from a spec such as '2048-2048-2048': Linear -> BatchNorm -> ReLU
+  between layers, the last layer plain (without bias for the projector, as
+  the official VICReg code; with bias for BYOL's predictor).
+
+BatchNorm normalises over the batch axis of whatever array it sees; under
+`jax.jit` on a batch sharded over the mesh that is the global batch (XLA
+inserts the cross-device reduction), so no axis_name is needed.
+
+Every module's `__call__` takes `train`: batch statistics and running-average
+updates when True, running averages when False.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def parse_mlp_spec(spec: str | Sequence[int]) -> list[int]:
+  """'2048-2048-256' -> [2048, 2048, 256], with a clear error."""
+  if isinstance(spec, str):
+    try:
+      dims = [int(v) for v in spec.split('-')]
+    except ValueError as error:
+      raise ValueError(f"MLP spec must look like '2048-2048-2048', got {spec!r}.") from error
+  else:
+    dims = [int(v) for v in spec]
+  if not dims or min(dims) <= 0:
+    raise ValueError(f'MLP spec needs positive layer widths, got {spec!r}.')
+  return dims
+
+
+def _bn(features, rngs, dtype):
+  # momentum 0.9 = torch's BatchNorm momentum 0.1.
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Linear-BN-ReLU blocks, then a last Linear (bias optional)."""
+
+  def __init__(self, in_features: int, spec, *, last_bias: bool, rngs: nnx.Rngs,
+               dtype: Any = None):
+    dims = parse_mlp_spec(spec)
+    self.hidden = nnx.List()
+    self.norms = nnx.List()
+    for width in dims[:-1]:
+      self.hidden.append(nnx.Linear(in_features, width, dtype=dtype, rngs=rngs))
+      self.norms.append(_bn(width, rngs, dtype))
+      in_features = width
+    self.out = nnx.Linear(in_features, dims[-1], use_bias=last_bias, dtype=dtype, rngs=rngs)
+    self.out_features = dims[-1]
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    for linear, norm in zip(self.hidden, self.norms):
+      x = nnx.relu(norm(linear(x), use_running_average=not train))
+    return self.out(x)
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, in_ch, ch, stride, *, rngs, dtype):
+    self.conv1 = nnx.Conv(in_ch, ch, (3, 3), stride, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn1 = _bn(ch, rngs, dtype)
+    self.conv2 = nnx.Conv(ch, ch, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn2 = _bn(ch, rngs, dtype)
+    self.shortcut = None
+    if stride != 1 or in_ch != ch:
+      self.shortcut = nnx.Conv(in_ch, ch, (1, 1), stride, use_bias=False, dtype=dtype, rngs=rngs)
+      self.shortcut_bn = _bn(ch, rngs, dtype)
+
+  def __call__(self, x, train):
+    ura = not train
+    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
+    if self.shortcut is not None:
+      x = self.shortcut_bn(self.shortcut(x), use_running_average=ura)
+    return nnx.relu(x + y)
+
+
+class Bottleneck(nnx.Module):
+  expansion = 4
+
+  def __init__(self, in_ch, ch, stride, *, rngs, dtype):
+    out_ch = ch * 4
+    self.conv1 = nnx.Conv(in_ch, ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn1 = _bn(ch, rngs, dtype)
+    self.conv2 = nnx.Conv(ch, ch, (3, 3), stride, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn2 = _bn(ch, rngs, dtype)
+    self.conv3 = nnx.Conv(ch, out_ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn3 = _bn(out_ch, rngs, dtype)
+    self.shortcut = None
+    if stride != 1 or in_ch != out_ch:
+      self.shortcut = nnx.Conv(in_ch, out_ch, (1, 1), stride, use_bias=False, dtype=dtype,
+                               rngs=rngs)
+      self.shortcut_bn = _bn(out_ch, rngs, dtype)
+
+  def __call__(self, x, train):
+    ura = not train
+    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    y = self.bn3(self.conv3(y), use_running_average=ura)
+    if self.shortcut is not None:
+      x = self.shortcut_bn(self.shortcut(x), use_running_average=ura)
+    return nnx.relu(x + y)
+
+
+RESNETS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+           50: (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(nnx.Module):
+  """ResNet encoder returning globally average-pooled features [B, F]."""
+
+  def __init__(self, depth: int, in_channels: int, *, stem: str = 'cifar',
+               width: float = 1.0, rngs: nnx.Rngs, dtype: Any = None):
+    if depth not in RESNETS:
+      raise ValueError(f'ResNet depth must be one of {sorted(RESNETS)}, got {depth}.')
+    if stem not in ('cifar', 'imagenet'):
+      raise ValueError(f"ResNet stem must be 'cifar' or 'imagenet', got {stem!r}.")
+    block, counts = RESNETS[depth]
+    base = max(1, int(64 * width))
+    self.stem = stem
+    if stem == 'cifar':
+      self.conv = nnx.Conv(in_channels, base, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    else:
+      self.conv = nnx.Conv(in_channels, base, (7, 7), 2, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn = _bn(base, rngs, dtype)
+    self.blocks = nnx.List()
+    in_ch = base
+    for stage, count in enumerate(counts):
+      ch = base * 2 ** stage
+      for i in range(count):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        self.blocks.append(block(in_ch, ch, stride, rngs=rngs, dtype=dtype))
+        in_ch = ch * block.expansion
+    self.out_features = in_ch
+
+  def __call__(self, x, train):
+    x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+    if self.stem == 'imagenet':
+      x = nnx.max_pool(x, (3, 3), (2, 2), padding='SAME')
+    for block in self.blocks:
+      x = block(x, train)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class SmallCNN(nnx.Module):
+  """Conv(3x3)-BN-ReLU x4, strides 1-2-2-1, global average pool: for 28x28 on a CPU."""
+
+  def __init__(self, in_channels: int, *, width: float = 1.0, rngs: nnx.Rngs,
+               dtype: Any = None):
+    chans = [max(1, int(c * width)) for c in (32, 64, 128, 256)]
+    strides = (1, 2, 2, 1)
+    self.convs = nnx.List()
+    self.norms = nnx.List()
+    for ch, stride in zip(chans, strides):
+      self.convs.append(nnx.Conv(in_channels, ch, (3, 3), stride, use_bias=False, dtype=dtype,
+                                 rngs=rngs))
+      self.norms.append(_bn(ch, rngs, dtype))
+      in_channels = ch
+    self.out_features = chans[-1]
+
+  def __call__(self, x, train):
+    for conv, norm in zip(self.convs, self.norms):
+      x = nnx.relu(norm(conv(x), use_running_average=not train))
+    return jnp.mean(x, axis=(1, 2))
+
+
+class SSLModel(nnx.Module):
+  """Encoder + projector (+ predictor): x [B, H, W, C] -> dict of [B, .] arrays.
+
+  Returns {'features': encoder output, 'z': projection, 'p': prediction
+  (only with a predictor)}. Outputs are cast to float32 for the losses.
+  """
+
+  def __init__(self, encoder: nnx.Module, projector: MLP, predictor: Optional[MLP]):
+    self.encoder = encoder
+    self.projector = projector
+    self.predictor = predictor
+
+  def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    features = self.encoder(x, train)
+    z = self.projector(features, train)
+    out = {'features': features.astype(jnp.float32), 'z': z.astype(jnp.float32)}
+    if self.predictor is not None:
+      out['p'] = self.predictor(z, train).astype(jnp.float32)
+    return out
+
+
+def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
+  name = config.name
+  if name == 'small_cnn':
+    return SmallCNN(in_channels, width=config.get('width', 1.0), rngs=rngs, dtype=dtype)
+  if name.startswith('resnet') and name[6:].isdigit():
+    return ResNet(int(name[6:]), in_channels, stem=config.get('stem', 'cifar'),
+                  width=config.get('width', 1.0), rngs=rngs, dtype=dtype)
+  raise ValueError(f"Unknown encoder {name!r}; use 'small_cnn', 'resnet18', 'resnet34' "
+                   "or 'resnet50' (--config.model.encoder.name).")
+
+
+def compute_dtype(name: str):
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}.")
+  return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
+
+
+def create_model(config, in_channels: int, *, with_predictor: bool, seed: int) -> SSLModel:
+  """Builds the model of `config.model` (encoder, projector, predictor specs)."""
+  dtype = compute_dtype(config.get('dtype', 'float32'))
+  rngs = nnx.Rngs(seed)
+  encoder = create_encoder(config.encoder, in_channels, rngs, dtype)
+  projector = MLP(encoder.out_features, config.projector, last_bias=False, rngs=rngs,
+                  dtype=dtype)
+  predictor = None
+  if with_predictor:
+    predictor = MLP(projector.out_features, config.predictor, last_bias=True, rngs=rngs,
+                    dtype=dtype)
+  return SSLModel(encoder, projector, predictor)
