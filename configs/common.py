@@ -123,7 +123,7 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   if 'smoke' in variants:
     c.data.batch_size, c.data.shuffle_buffer = 16, 64
     c.model.encoder = dict(name='small_cnn', width=0.25, stem='cifar')
-    c.model.projector, c.model.predictor = '32-32', '32-16'
+    c.model.projector, c.model.predictor = '32-32', '32-32'
     c.model.dtype = 'float32'
     c.total_epochs, c.total_steps, c.warmup_steps = 0, 3, 1
     c.log_every_steps, c.ckpt_every_steps = 1, 2

@@ -23,9 +23,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Global evaluation batch size.
 def embed(workdir: str, split: str, out: str, batch_size: int = 1000) -> dict:
   import jax
   import ml_collections
-  from ssl_jax import checkpointing, evaluate, input_pipeline, models, objectives, optim
-  from ssl_jax import sharding, train_step as train_step_lib
-  import optax
+  from ssl_jax import checkpointing, evaluate, input_pipeline, sharding, train
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} not found: --workdir must be a training workdir.')
@@ -33,22 +31,12 @@ def embed(workdir: str, split: str, out: str, batch_size: int = 1000) -> dict:
     config = ml_collections.ConfigDict(json.load(f))
   input_pipeline.hide_accelerators_from_tensorflow()
   mesh = sharding.make_mesh()
-  spec = input_pipeline.get_spec(config.data.name)
-  needed = objectives.needed_outputs(config.loss.terms)
-  model = models.create_model(config.model, spec.channels,
-                              with_predictor=bool(needed & {'p_a'}), seed=config.seed)
-  schedule = optim.make_schedule(config.optim, config.data.batch_size, 1, 0)
-  graphdef, state = train_step_lib.create_train_state(
-      model, optim.make_optimizer(config.optim, schedule), optax.sgd(0.1, momentum=0.9),
-      num_classes=spec.num_classes, seed=config.seed, with_target=bool(needed & {'t_a'}))
-  replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          state)
+  run = train.build(config, mesh)  # the same state structure as training
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  state = checkpointing.restore_latest(manager, abstract, config)
+  state = checkpointing.restore_latest(manager, run.abstract_state(mesh), config)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints to embed with.')
-  image_size = config.data.get('image_size') or spec.image_size
+  spec, graphdef, image_size = run.spec, run.graphdef, run.image_size
   feature_fn = evaluate.make_feature_fn(graphdef, image_size, spec.mean, spec.std)
   dataset = input_pipeline.eval_dataset(
       config.data.name, split, local_batch=input_pipeline.local_batch_size(batch_size, mesh),

@@ -225,6 +225,11 @@ def create_model(config, in_channels: int, *, with_predictor: bool, seed: int) -
                   dtype=dtype)
   predictor = None
   if with_predictor:
+    if parse_mlp_spec(config.predictor)[-1] != projector.out_features:
+      raise ValueError(
+          f'model.predictor {config.predictor!r} must end in the projection width '
+          f'{projector.out_features} of model.projector {config.projector!r}: BYOL regresses '
+          'the prediction onto the target projection.')
     predictor = MLP(projector.out_features, config.predictor, last_bias=True, rngs=rngs,
                     dtype=dtype)
   return SSLModel(encoder, projector, predictor)

@@ -11,6 +11,7 @@ Resume order: the newest complete checkpoint in workdir, else from scratch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ssl_jax import augment
@@ -98,27 +98,41 @@ def _first_non_finite(pending: list[tuple[int, Any]]) -> Optional[tuple[int, flo
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains as configured, checkpoints into workdir, evaluates; returns the summary."""
-  start_time = time.time()
-  check_config(config)
-  input_pipeline.hide_accelerators_from_tensorflow()
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+@dataclasses.dataclass
+class Run:
+  """What a config builds before training: shared by training, embedding, benchmarks."""
+  spec: input_pipeline.DatasetSpec
+  global_batch: int
+  total_steps: int
+  warmup_steps: int
+  image_size: int
+  views: tuple[augment.ViewParams, augment.ViewParams]
+  objective: Any
+  with_predictor: bool
+  with_target: bool
+  schedule: Any
+  tx: optax.GradientTransformation
+  probe_tx: optax.GradientTransformation
+  graphdef: Any
+  state: train_step_lib.TrainState   # initial state, replicated over the mesh
 
-  # ---- Mesh and data.
-  mesh = sharding.make_mesh()
+  def abstract_state(self, mesh):
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        self.state)
+
+
+def build(config, mesh) -> Run:
+  """Dataset spec, step counts, views, objective, model, optimisers, initial state."""
   spec = input_pipeline.get_spec(config.data.name)
   global_batch = config.data.batch_size
-  local_batch = input_pipeline.local_batch_size(global_batch, mesh)
+  input_pipeline.local_batch_size(global_batch, mesh)  # divisibility, with a clear error
   total_steps = steps_from(config, 'total', spec.num_pretrain_examples, global_batch)
   warmup_steps = steps_from(config, 'warmup', spec.num_pretrain_examples, global_batch)
   if total_steps <= 0:
     raise ValueError('Nothing to train: set total_epochs or total_steps > 0.')
   views = augment.views_from_config(config.aug.preset, config.aug.view_a, config.aug.view_b)
-  image_size = config.data.get('image_size') or spec.image_size
-
-  # ---- Objective and model: the objective's terms decide which networks exist.
+  # The objective's terms decide which networks exist (predictor, EMA target).
   objective = objectives.build_objective(config.loss.terms)
   needed = objectives.needed_outputs(config.loss.terms)
   with_predictor = bool(needed & {'p_a', 'p_b'})
@@ -132,16 +146,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   graphdef, state = train_step_lib.create_train_state(
       model, tx, probe_tx, num_classes=spec.num_classes, seed=config.seed,
       with_target=with_target)
-  del model
+  return Run(spec=spec, global_batch=global_batch, total_steps=total_steps,
+             warmup_steps=warmup_steps,
+             image_size=config.data.get('image_size') or spec.image_size, views=views,
+             objective=objective, with_predictor=with_predictor, with_target=with_target,
+             schedule=schedule, tx=tx, probe_tx=probe_tx, graphdef=graphdef,
+             state=jax.device_put(state, sharding.replicated(mesh)))
+
+
+def make_step_fn(run: Run, config, mesh):
+  """The jitted training step: state replicated, batch sharded over 'data'."""
   replicated = sharding.replicated(mesh)
-  state = jax.device_put(state, replicated)
+  return jax.jit(
+      train_step_lib.make_train_step(
+          graphdef=run.graphdef, objective=run.objective, tx=run.tx, probe_tx=run.probe_tx,
+          views=run.views, image_size=run.image_size, mean=run.spec.mean, std=run.spec.std,
+          crop_on_device=not run.spec.variable_size, schedule=run.schedule,
+          total_steps=run.total_steps,
+          tau_base=config.byol.tau_base if run.with_target else None,
+          log_every=config.log_every_steps),
+      out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains as configured, checkpoints into workdir, evaluates; returns the summary."""
+  start_time = time.time()
+  check_config(config)
+  input_pipeline.hide_accelerators_from_tensorflow()
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---- Mesh, data, objective, model, optimiser and initial state.
+  mesh = sharding.make_mesh()
+  run = build(config, mesh)
+  spec, global_batch, total_steps = run.spec, run.global_batch, run.total_steps
+  graphdef, state = run.graphdef, run.state
+  local_batch = input_pipeline.local_batch_size(global_batch, mesh)
 
   # ---- Resume from the newest complete checkpoint in workdir.
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  restored = checkpointing.restore_latest(manager, abstract_state, config)
+  restored = checkpointing.restore_latest(manager, run.abstract_state(mesh), config)
   if restored is not None:
     state = restored
   start_step = int(jax.device_get(state.step))
@@ -156,14 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'{"resuming at step " + str(start_step) if start_step else "from scratch"}; '
           f'workdir {os.path.abspath(workdir)}', flush=True)
 
-  step_fn = jax.jit(
-      train_step_lib.make_train_step(
-          graphdef=graphdef, objective=objective, tx=tx, probe_tx=probe_tx, views=views,
-          image_size=image_size, mean=spec.mean, std=spec.std,
-          crop_on_device=not spec.variable_size, schedule=schedule, total_steps=total_steps,
-          tau_base=config.byol.tau_base if with_target else None,
-          log_every=config.log_every_steps),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
+  step_fn = make_step_fn(run, config, mesh)
 
   # ---- The loop.
   status = 'completed'
@@ -176,7 +214,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
-    last_metrics = None
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
     last_saved = start_step if restored is not None else None
 
@@ -207,7 +244,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           scalars = metrics_lib.to_host_scalars(jax.device_get(step_metrics))
           scalars['images_per_sec'] = throughput.rate()
           writer.write_scalars(step, scalars)
-          last_metrics = scalars
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',
                           img_s=f'{scalars["images_per_sec"]:.0f}')
@@ -238,8 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f'ssl_jax: {status}; checkpoint at step {final_step} in {manager.directory}. '
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
-    summary.update(final_evaluation(config, graphdef, state, spec, mesh, image_size,
-                                    with_predictor=with_predictor))
+    summary.update(final_evaluation(config, graphdef, state, spec, mesh, run.image_size,
+                                    with_predictor=run.with_predictor))
   summary['wall_time_sec'] = time.time() - start_time
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:

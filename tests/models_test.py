@@ -1,0 +1,65 @@
+"""Encoders, heads and their configuration errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from flax import nnx
+
+from ssl_jax import models
+
+
+def model_config(encoder, projector='64-64-32', predictor='16-32', **kw):
+  return ml_collections.ConfigDict(dict(encoder=dict(name=encoder, **kw), projector=projector,
+                                        predictor=predictor, dtype='float32'))
+
+
+@pytest.mark.parametrize('name,stem,size,features', [
+    ('resnet18', 'cifar', 32, 128), ('resnet34', 'cifar', 32, 128),
+    ('resnet50', 'imagenet', 64, 512), ('small_cnn', 'cifar', 28, 64),
+])
+def test_encoder_output_shapes(name, stem, size, features):
+  config = model_config(name, stem=stem, width=0.25)
+  model = models.create_model(config, 3, with_predictor=True, seed=0)
+  out = model(jnp.ones((2, size, size, 3)), train=True)
+  assert out['features'].shape == (2, features)
+  assert out['z'].shape == (2, 32) and out['p'].shape == (2, 32)
+  assert model.encoder.out_features == features
+
+
+def test_cifar_stem_keeps_resolution_and_imagenet_stem_reduces_it():
+  cifar = models.ResNet(18, 3, stem='cifar', width=0.25, rngs=nnx.Rngs(0))
+  imagenet = models.ResNet(18, 3, stem='imagenet', width=0.25, rngs=nnx.Rngs(0))
+  assert cifar.conv.kernel_size == (3, 3) and imagenet.conv.kernel_size == (7, 7)
+  x = jnp.ones((1, 32, 32, 3))
+  # Same parameters, different resolution path: outputs differ.
+  assert cifar(x, train=False).shape == imagenet(x, train=False).shape
+
+
+def test_projector_last_layer_has_no_bias_and_batchnorm_between():
+  mlp = models.MLP(8, '16-16-4', last_bias=False, rngs=nnx.Rngs(0))
+  assert mlp.out.bias is None and len(mlp.norms) == 2
+
+
+def test_batchnorm_uses_batch_statistics_in_training():
+  model = models.create_model(model_config('small_cnn', width=0.25), 1, with_predictor=False,
+                              seed=0)
+  x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+  # In training mode the projector's hidden activations are batch-normalised:
+  # doubling every input's scale leaves them unchanged up to BN's epsilon.
+  z1 = model(x, train=True)['z']
+  z2 = model(2 * x, train=True)['z']
+  assert jnp.allclose(z1, z2, atol=1e-3)
+
+
+@pytest.mark.parametrize('config,message', [
+    (model_config('vgg'), "Unknown encoder 'vgg'"),
+    (model_config('resnet20'), 'ResNet depth must be one of'),
+    (model_config('resnet18', stem='tiny'), "stem must be 'cifar' or 'imagenet'"),
+    (model_config('small_cnn', projector='64-x'), 'MLP spec must look like'),
+    (model_config('small_cnn', projector='64-0'), 'positive layer widths'),
+    (model_config('small_cnn', predictor='16-8'), 'must end in the projection width 32'),
+])
+def test_bad_model_config(config, message):
+  with pytest.raises(ValueError, match=message):
+    models.create_model(config, 1, with_predictor=True, seed=0)

@@ -1,0 +1,256 @@
+"""End to end: configs train, checkpoint, resume, stop cleanly, fail loudly."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from ssl_jax import augment
+from ssl_jax import checkpointing
+from ssl_jax import embed
+from ssl_jax import models
+from ssl_jax import objectives
+from ssl_jax import optim
+from ssl_jax import sharding
+from ssl_jax import train
+from ssl_jax import train_step as train_step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = sorted(objectives.METHODS)
+
+
+def smoke_config(method, **overrides):
+  config = importlib.import_module(f'configs.{method}').get_config('smoke')
+  config.eval.baselines = False
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def params_of(workdir, config):
+  """The newest checkpoint's online params as flat numpy arrays."""
+  manager = checkpointing.make_manager(workdir, max_to_keep=3)
+  step = manager.latest_step()
+  restored = manager.restore(step)
+  manager.close()
+  return step, jax.tree.leaves(jax.tree.map(np.asarray, restored['state']['params']))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_every_smoke_config_trains_checkpoints_and_summarises(method, tmp_path):
+  config = smoke_config(method)
+  with tfds.testing.mock_data(num_examples=64):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['status'] == 'completed' and summary['steps'] == 3
+  with open(tmp_path / 'summary.json') as f:
+    saved = json.load(f)
+  assert saved['method'] == method
+  for key in ('linear_test_acc', 'knn2_test_acc', 'knn5_test_acc', 'online_probe_test_acc'):
+    assert 0.0 <= saved['eval'][key] <= 1.0
+  assert checkpointing.make_manager(str(tmp_path), max_to_keep=3).latest_step() == 3
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) for r in rows)
+  assert os.path.getsize(tmp_path / 'training_curves.png') > 10_000
+  assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_summary_has_baselines_and_embed_writes_features(tmp_path):
+  config = smoke_config('vicreg', **{'eval.baselines': True})
+  summary = train.train_and_evaluate(config, str(tmp_path))  # real Fashion-MNIST
+  assert set(summary) >= {'eval', 'baseline_random_init', 'baseline_raw_pixels'}
+  out = tmp_path / 'feats.npz'
+  embed.embed(str(tmp_path), 'test[:100]', str(out), batch_size=32)
+  data = np.load(out)
+  assert data['features'].shape == (100, 64) and data['labels'].shape == (100,)
+  assert data['features'].dtype == np.float32 and np.all(np.isfinite(data['features']))
+
+
+def test_resume_follows_the_same_trajectory(tmp_path):
+  kw = {'total_steps': 6, 'ckpt_every_steps': 100, 'eval.enabled': False}
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(smoke_config('byol', **kw), str(straight))
+  resumed = tmp_path / 'resumed'
+  first = train.train_and_evaluate(smoke_config('byol', stop_at_step=4, **kw), str(resumed))
+  assert first['status'].startswith('stopped at step 4')
+  second = train.train_and_evaluate(smoke_config('byol', **kw), str(resumed))
+  assert second['status'] == 'completed' and second['steps'] == 6
+  step_a, params_a = params_of(str(straight), None)
+  step_b, params_b = params_of(str(resumed), None)
+  assert step_a == step_b == 6
+  for a, b in zip(params_a, params_b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  rows_a = {r['step']: r for r in map(json.loads, open(straight / 'metrics.jsonl'))}
+  rows_b = {r['step']: r for r in map(json.loads, open(resumed / 'metrics.jsonl'))}
+  assert sorted(rows_a) == sorted(rows_b) == [1, 2, 3, 4, 5, 6]
+  for step in (5, 6):
+    for key in ('loss', 'byol', 'probe_loss', 'tau', 'lr'):
+      assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=1e-4), (step, key)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg.py:smoke',
+         f'--workdir={workdir}', '--config.total_steps=100000', '--config.ckpt_every_steps=100000',
+         '--config.eval.enabled=False']
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  metrics_file = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.stdout.read()
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output
+  assert 'interrupted by signal' in output and 'Run the same command again to resume' in output
+  saved_step = checkpointing.make_manager(str(workdir), max_to_keep=3).latest_step()
+  assert saved_step is not None and saved_step >= 3
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['status'].startswith('interrupted') and summary['steps'] == saved_step
+  config = smoke_config('vicreg', total_steps=100000, ckpt_every_steps=100000,
+                        stop_at_step=saved_step + 2, **{'eval.enabled': False})
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again['steps'] == saved_step + 2
+
+
+def _step_on(mesh, config, state_host, batch_host):
+  spec_mean, spec_std = (0.286,), (0.353,)
+  objective = objectives.build_objective(config.loss.terms)
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  graphdef = nnx.graphdef(model)
+  schedule = optim.make_schedule(config.optim, 16, 10, 1)
+  tx = optim.make_optimizer(config.optim, schedule)
+  probe_tx = optax.sgd(0.1, momentum=0.9)
+  step = train_step_lib.make_train_step(
+      graphdef=graphdef, objective=objective, tx=tx, probe_tx=probe_tx,
+      views=augment.views_from_config('fashion_mnist'), image_size=28, mean=spec_mean,
+      std=spec_std, crop_on_device=True, schedule=schedule, total_steps=10, tau_base=None,
+      log_every=1)
+  state = jax.device_put(state_host, sharding.replicated(mesh))
+  batch = jax.device_put(batch_host, sharding.batch_sharding(mesh))
+  new_state, metrics = jax.jit(step)(state, batch)
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+def test_data_parallel_step_equals_single_device_step():
+  config = smoke_config('vicreg')
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  schedule = optim.make_schedule(config.optim, 16, 10, 1)
+  _, state = train_step_lib.create_train_state(
+      model, optim.make_optimizer(config.optim, schedule), optax.sgd(0.1, momentum=0.9),
+      num_classes=10, seed=0, with_target=False)
+  state = jax.device_get(state)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+  one, metrics_one = _step_on(sharding.make_mesh(1), config, state, batch)
+  eight, metrics_eight = _step_on(sharding.make_mesh(8), config, state, batch)
+  assert jax.device_count() == 8
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(metrics_one['loss']) == pytest.approx(float(metrics_eight['loss']), rel=1e-5)
+
+
+def test_byol_target_is_an_ema_and_gets_no_gradient(tmp_path):
+  config = smoke_config('byol', total_steps=2, **{'eval.enabled': False})
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  manager = checkpointing.make_manager(str(tmp_path / 'a'), max_to_keep=3)
+  state_2 = manager.restore(2)['state']
+  # Rebuild step 1's state by stopping there.
+  config_1 = smoke_config('byol', total_steps=2, stop_at_step=1, **{'eval.enabled': False})
+  train.train_and_evaluate(config_1, str(tmp_path / 'b'))
+  state_1 = checkpointing.make_manager(str(tmp_path / 'b'), max_to_keep=3).restore(1)['state']
+  tau = float(optim.byol_tau(1, 2, config.byol.tau_base))
+  expected = jax.tree.map(lambda t, o: tau * np.asarray(t) + (1 - tau) * np.asarray(o),
+                          state_1['target_params'], state_2['params'])
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state_2['target_params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The objective's gradient with respect to the target outputs is zero.
+  objective = objectives.build_objective(config.loss.terms)
+  outs = {k: jax.random.normal(jax.random.key(i), (8, 4)) for i, k in
+          enumerate(('z_a', 'z_b', 'p_a', 'p_b', 't_a', 't_b'))}
+  grads = jax.grad(lambda o: objective(o)[0])(outs)
+  assert not np.any(grads['t_a']) and not np.any(grads['t_b'])
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+  kw = {'total_steps': 6, 'ckpt_every_steps': 2, 'eval.enabled': False}
+  train.train_and_evaluate(smoke_config('vicreg', stop_at_step=2, **kw), str(tmp_path))
+  real_build = objectives.build_objective
+
+  def poisoned(terms):
+    objective = real_build(terms)
+    return lambda outputs, axis_name=None: jax.tree.map(
+        lambda x: x * jnp.nan, objective(outputs, axis_name))
+
+  monkeypatch.setattr(objectives, 'build_objective', poisoned)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'Non-finite loss \(nan\) at step 2 .*last good checkpoint is step 2'):
+    train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  # The bad state was not saved.
+  assert checkpointing.make_manager(str(tmp_path), max_to_keep=3).latest_step() == 2
+
+
+def test_incompatible_checkpoint_is_rejected(tmp_path):
+  kw = {'total_steps': 2, 'eval.enabled': False}
+  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  with pytest.raises(ValueError, match='incompatible config.*loss.terms'):
+    train.train_and_evaluate(smoke_config('byol', **kw), str(tmp_path))
+  with pytest.raises(ValueError, match='incompatible config.*model'):
+    train.train_and_evaluate(smoke_config('vicreg', **{**kw, 'model.projector': '64-64'}),
+                             str(tmp_path))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path):
+  kw = {'total_steps': 2, 'eval.enabled': False}
+  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  step_dir = tmp_path / 'checkpoints' / '2'
+  for path in step_dir.rglob('*'):
+    if path.is_file() and path.suffix != '.json' and 'meta' not in str(path):
+      path.write_bytes(b'garbage')
+  with pytest.raises(ValueError, match='move the folder aside|could not be read'):
+    train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  assert step_dir.exists()
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.data.nme=3', 'nme'),
+    ('--config.data.batch_size=12', 'multiple of the device count'),
+    ('--config.optim.name=adam', "Unknown optimiser 'adam'"),
+    ('--config.loss.terms.invariance.weight=-1', 'weight >= 0'),
+    ('--config.model.encoder.name=vgg', "Unknown encoder 'vgg'"),
+    ('--config.data.name=mnist', "Unknown dataset 'mnist'"),
+])
+def test_bad_config_is_rejected_with_a_clear_error(override, message, tmp_path):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg.py:smoke',
+       f'--workdir={tmp_path}', override], cwd=ROOT, capture_output=True, text=True, env=env,
+      timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr + result.stdout
+
+
+def test_unknown_config_variant():
+  with pytest.raises(ValueError, match="Unknown config variant"):
+    importlib.import_module('configs.vicreg').get_config('cifar11')
