@@ -75,10 +75,12 @@ class BasicBlock(nnx.Module):
     self.bn1 = _bn(ch, rngs, dtype)
     self.conv2 = nnx.Conv(ch, ch, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn2 = _bn(ch, rngs, dtype)
-    self.shortcut = None
+    # Assigned once: NNX treats an attribute first set to None as static.
     if stride != 1 or in_ch != ch:
       self.shortcut = nnx.Conv(in_ch, ch, (1, 1), stride, use_bias=False, dtype=dtype, rngs=rngs)
       self.shortcut_bn = _bn(ch, rngs, dtype)
+    else:
+      self.shortcut, self.shortcut_bn = None, None
 
   def __call__(self, x, train):
     ura = not train
@@ -100,11 +102,12 @@ class Bottleneck(nnx.Module):
     self.bn2 = _bn(ch, rngs, dtype)
     self.conv3 = nnx.Conv(ch, out_ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn3 = _bn(out_ch, rngs, dtype)
-    self.shortcut = None
     if stride != 1 or in_ch != out_ch:
       self.shortcut = nnx.Conv(in_ch, out_ch, (1, 1), stride, use_bias=False, dtype=dtype,
                                rngs=rngs)
       self.shortcut_bn = _bn(out_ch, rngs, dtype)
+    else:
+      self.shortcut, self.shortcut_bn = None, None
 
   def __call__(self, x, train):
     ura = not train

@@ -32,8 +32,9 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_reduces_it():
   imagenet = models.ResNet(18, 3, stem='imagenet', width=0.25, rngs=nnx.Rngs(0))
   assert cifar.conv.kernel_size == (3, 3) and imagenet.conv.kernel_size == (7, 7)
   x = jnp.ones((1, 32, 32, 3))
-  # Same parameters, different resolution path: outputs differ.
-  assert cifar(x, train=False).shape == imagenet(x, train=False).shape
+  assert cifar.conv(x).shape == (1, 32, 32, 16)       # stride 1, no max-pool
+  assert imagenet.conv(x).shape == (1, 16, 16, 16)    # stride 2, then max-pool in __call__
+  assert cifar(x, train=False).shape == imagenet(x, train=False).shape == (1, 128)
 
 
 def test_projector_last_layer_has_no_bias_and_batchnorm_between():

@@ -70,6 +70,17 @@ def test_every_smoke_config_trains_checkpoints_and_summarises(method, tmp_path):
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
 
 
+def test_bfloat16_compute_trains_with_finite_float32_statistics(tmp_path):
+  config = smoke_config('vicreg_it', **{'model.dtype': 'bfloat16', 'eval.enabled': False})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert summary['steps'] == 3
+  assert all(np.isfinite(r['loss']) and np.isfinite(r['logdet_entropy']) for r in rows)
+  # Parameters stay float32 (param_dtype); only the computation is bfloat16.
+  _, params = params_of(str(tmp_path), None)
+  assert all(p.dtype == np.float32 for p in params)
+
+
 def test_summary_has_baselines_and_embed_writes_features(tmp_path):
   config = smoke_config('vicreg', **{'eval.baselines': True})
   summary = train.train_and_evaluate(config, str(tmp_path))  # real Fashion-MNIST
