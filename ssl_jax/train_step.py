@@ -128,10 +128,12 @@ def make_train_step(*, graphdef: nnx.GraphDef, objective: Callable, tx, probe_tx
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    # Online linear probe on detached features of the first view.
+    # Online linear probe on detached features of the first view. Unlabelled
+    # images (label -1, e.g. STL-10's unlabelled split) are masked out.
     features = jax.lax.stop_gradient(features)
+    labels = batch['label']
     (p_loss, p_acc), p_grads = jax.value_and_grad(probe_loss, has_aux=True)(
-        state.probe_params, features, batch['label'])
+        state.probe_params, features, jnp.maximum(labels, 0), labels >= 0)
     p_updates, probe_opt_state = probe_tx.update(p_grads, state.probe_opt_state,
                                                  state.probe_params)
     probe_params = optax.apply_updates(state.probe_params, p_updates)

@@ -265,3 +265,13 @@ def test_bad_config_is_rejected_with_a_clear_error(override, message, tmp_path):
 def test_unknown_config_variant():
   with pytest.raises(ValueError, match="Unknown config variant"):
     importlib.import_module('configs.vicreg').get_config('cifar11')
+
+
+def test_probe_loss_ignores_unlabelled_images():
+  probe = {'w': jnp.eye(3), 'b': jnp.zeros(3)}
+  features = jnp.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+  labels = jnp.array([0, 1, 0])
+  mask = jnp.array([True, True, False])      # the third is unlabelled
+  loss, acc = train_step_lib.probe_loss(probe, features, labels, mask)
+  full_loss, _ = train_step_lib.probe_loss(probe, features[:2], labels[:2])
+  assert float(acc) == 1.0 and float(loss) == pytest.approx(float(full_loss))
