@@ -37,14 +37,21 @@ class MetricWriter:
     import tensorflow as tf
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in scalars.items()})
-    # A resumed run rewrites the steps after its checkpoint: drop the old ones.
-    self.history = [r for r in self.history if r['step'] < row['step']] + [row]
     with self._tb.as_default(step=int(step)):
       for k, v in row.items():
         if k != 'step' and math.isfinite(v):
           tf.summary.scalar(k, v)
-    with open(self._jsonl, 'w' if len(self.history) == 1 else 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    # A run resumed from a checkpoint redoes the steps after it: their old rows
+    # go, and the file is rewritten once; otherwise rows are appended.
+    kept = [r for r in self.history if r['step'] < row['step']]
+    rewrite = len(kept) != len(self.history) or not self.history
+    self.history = kept + [row]
+    if rewrite:
+      with open(self._jsonl, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in self.history)
+    else:
+      with open(self._jsonl, 'a') as f:
+        f.write(json.dumps(row) + '\n')
 
   def write_text(self, name: str, text: str) -> None:
     if not self.enabled:

@@ -1,0 +1,37 @@
+"""Metric history across resumes, and the training-curve plot."""
+
+import json
+import os
+
+from ssl_jax import metrics
+
+
+def rows(path):
+  return [json.loads(line) for line in open(path)]
+
+
+def test_resumed_run_replaces_the_rows_after_its_checkpoint(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    writer.write_scalars(step, {'loss': float(step)})
+  # The process dies after step 5; the newest checkpoint was step 2.
+  resumed = metrics.MetricWriter(str(tmp_path))
+  assert [r['step'] for r in resumed.history] == [1, 2, 3, 4, 5]
+  resumed.write_scalars(3, {'loss': 30.0})
+  resumed.write_scalars(4, {'loss': 40.0})
+  assert [(r['step'], r['loss']) for r in rows(tmp_path / 'metrics.jsonl')] == [
+      (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path / 'w'), enabled=False)
+  writer.write_scalars(1, {'loss': 1.0})
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_plot_has_a_panel_per_group(tmp_path):
+  history = [{'step': s, 'loss': 1.0 / s, 'invariance': 0.5, 'lr': 0.1 * s,
+              'probe_train_acc': 0.1 * s, 'effective_rank': float('nan')} for s in range(1, 8)]
+  path = metrics.plot_history(history, str(tmp_path / 'curves.png'), title='t')
+  assert path and os.path.getsize(path) > 10_000
+  assert metrics.plot_history([], str(tmp_path / 'none.png')) is None
