@@ -236,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = next(batches)
         state, step_metrics = step_fn(state, batch)
         pending.append((step, step_metrics['loss']))
-        throughput.add(2 * global_batch)  # two views per image
+        throughput.add(global_batch)  # source images (each yields two views), as benchmarks/
         step += 1
         bar.update(1)
         if step % config.log_every_steps == 0 or step == total_steps:
