@@ -82,9 +82,12 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   c.log_every_steps, c.ckpt_every_steps, c.keep_checkpoints = 10, 100, 3
   c.async_checkpoints = True
   c.stop_at_step = 0   # > 0: stop there with a checkpoint, as if pre-empted
+  # online_every_steps: the online probe's test accuracy is measured at logged
+  # steps that are multiples of it (and at the end); 0 turns it off.
   c.eval = dict(enabled=True, batch_size=1000, linear_epochs=30, linear_lr=1e-3,
                 linear_batch_size=1024, knn_k=(20, 200), knn_temperature=0.07,
-                baselines=True, max_train_examples=0, max_test_examples=0)
+                baselines=True, max_train_examples=0, max_test_examples=0,
+                online_every_steps=50, online_max_examples=0)
 
   for term in c.loss.terms.values():
     if 'mode' in term and 'concat' in variants:
@@ -107,6 +110,7 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.total_epochs, c.warmup_epochs = 1000, 10
     c.log_every_steps, c.ckpt_every_steps = 50, 2000
     c.eval.linear_epochs, c.eval.baselines = 100, False
+    c.eval.online_every_steps = 1000
   if 'imagenet' in variants:
     # Official VICReg: ResNet-50, projector 8192-8192-8192, LARS eta 1e-3, wd 1e-6,
     # lr = 0.2 * batch / 256, batch 2048, 10 warm-up epochs, cosine to 0.001x.
@@ -119,7 +123,8 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.optim.update(base_lr=0.2, weight_decay=1e-6, trust_coefficient=1e-3, min_lr_ratio=1e-3)
     c.total_epochs, c.warmup_epochs = 1000, 10
     c.log_every_steps, c.ckpt_every_steps = 100, 2500
-    c.eval.update(linear_epochs=100, batch_size=1024, baselines=False)
+    c.eval.update(linear_epochs=100, batch_size=1024, baselines=False,
+                  online_every_steps=2500, online_max_examples=10_000)
   if 'smoke' in variants:
     c.data.batch_size, c.data.shuffle_buffer = 16, 64
     c.model.encoder = dict(name='small_cnn', width=0.25, stem='cifar')
@@ -128,5 +133,6 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.total_epochs, c.total_steps, c.warmup_steps = 0, 3, 1
     c.log_every_steps, c.ckpt_every_steps = 1, 2
     c.eval.update(batch_size=16, linear_epochs=2, linear_batch_size=16, knn_k=(2, 5),
-                  max_train_examples=64, max_test_examples=32)
+                  max_train_examples=64, max_test_examples=32, online_every_steps=2,
+                  online_max_examples=32)
   return c

@@ -213,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
+    online_test = make_online_test_eval(config, run, mesh)
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
     last_saved = start_step if restored is not None else None
@@ -243,6 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           guard(step)
           scalars = metrics_lib.to_host_scalars(jax.device_get(step_metrics))
           scalars['images_per_sec'] = throughput.rate()
+          every = config.eval.online_every_steps
+          if every > 0 and (step % every == 0 or step == total_steps):
+            scalars['probe_test_acc'] = online_test(state)
+            throughput.rate()  # restart the clock: evaluation is not training throughput
           writer.write_scalars(step, scalars)
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',
@@ -287,6 +292,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.close()
   return summary
 
+
+def make_online_test_eval(config, run: Run, mesh):
+  """state -> the online probe's accuracy on (part of) the test split, now.
+
+  Features of clean test images with BatchNorm in inference mode, as at the
+  end of the run; config.eval.online_max_examples bounds the cost (0: all).
+  """
+  feature_fn = evaluate.make_feature_fn(run.graphdef, run.image_size, run.spec.mean,
+                                        run.spec.std)
+  batch = config.eval.batch_size
+  max_batches = evaluate.num_batches(config.eval.online_max_examples, batch)
+
+  def accuracy(state) -> float:
+    dataset = input_pipeline.eval_dataset(
+        config.data.name, run.spec.test_split,
+        local_batch=input_pipeline.local_batch_size(batch, mesh),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        data_dir=config.data.data_dir)
+    features, labels = evaluate.extract_features(feature_fn, state.params, state.batch_stats,
+                                                 dataset, mesh, max_batches)
+    _, acc = train_step_lib.probe_loss(jax.device_get(state.probe_params),
+                                       jnp.asarray(features), jnp.asarray(labels))
+    return float(acc)
+
+  return accuracy
 
 def final_evaluation(config, graphdef, state, spec, mesh, image_size, *, with_predictor
                      ) -> dict[str, Any]:

@@ -66,6 +66,9 @@ def test_every_smoke_config_trains_checkpoints_and_summarises(method, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) for r in rows)
+  # The online probe's test accuracy is reported during the run (every 2 steps, and at the end).
+  assert ['probe_test_acc' in r for r in rows] == [False, True, True]
+  assert all(0.0 <= r['probe_test_acc'] <= 1.0 for r in rows if 'probe_test_acc' in r)
   assert os.path.getsize(tmp_path / 'training_curves.png') > 10_000
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
 
