@@ -67,6 +67,18 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
+def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype):
+  """(1x1 conv, BatchNorm) when the residual changes shape, else (None, None).
+
+  Blocks assign the pair once: NNX treats an attribute first set to None as
+  static, so it could not later hold a module.
+  """
+  if stride == 1 and in_ch == out_ch:
+    return None, None
+  return (nnx.Conv(in_ch, out_ch, (1, 1), stride, use_bias=False, dtype=dtype, rngs=rngs),
+          _bn(out_ch, rngs, dtype))
+
+
 class BasicBlock(nnx.Module):
   expansion = 1
 
@@ -75,12 +87,7 @@ class BasicBlock(nnx.Module):
     self.bn1 = _bn(ch, rngs, dtype)
     self.conv2 = nnx.Conv(ch, ch, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn2 = _bn(ch, rngs, dtype)
-    # Assigned once: NNX treats an attribute first set to None as static.
-    if stride != 1 or in_ch != ch:
-      self.shortcut = nnx.Conv(in_ch, ch, (1, 1), stride, use_bias=False, dtype=dtype, rngs=rngs)
-      self.shortcut_bn = _bn(ch, rngs, dtype)
-    else:
-      self.shortcut, self.shortcut_bn = None, None
+    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, ch, stride, rngs, dtype)
 
   def __call__(self, x, train):
     ura = not train
@@ -102,12 +109,7 @@ class Bottleneck(nnx.Module):
     self.bn2 = _bn(ch, rngs, dtype)
     self.conv3 = nnx.Conv(ch, out_ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn3 = _bn(out_ch, rngs, dtype)
-    if stride != 1 or in_ch != out_ch:
-      self.shortcut = nnx.Conv(in_ch, out_ch, (1, 1), stride, use_bias=False, dtype=dtype,
-                               rngs=rngs)
-      self.shortcut_bn = _bn(out_ch, rngs, dtype)
-    else:
-      self.shortcut, self.shortcut_bn = None, None
+    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, out_ch, stride, rngs, dtype)
 
   def __call__(self, x, train):
     ura = not train

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
 from ssl_jax import augment
 from ssl_jax import checkpointing
@@ -202,6 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'workdir {os.path.abspath(workdir)}', flush=True)
 
   step_fn = make_step_fn(run, config, mesh)
+  # One jitted feature extractor for the online test evaluation and the final one.
+  feature_fn = evaluate.make_feature_fn(graphdef, run.image_size, spec.mean, spec.std)
 
   # ---- The loop.
   status = 'completed'
@@ -213,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
-    online_test = make_online_test_eval(config, run, mesh)
+    online_test = make_online_test_eval(config, run, mesh, feature_fn)
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
     last_saved = start_step if restored is not None else None
@@ -279,8 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f'ssl_jax: {status}; checkpoint at step {final_step} in {manager.directory}. '
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
-    summary.update(final_evaluation(config, graphdef, state, spec, mesh, run.image_size,
-                                    with_predictor=run.with_predictor))
+    summary.update(final_evaluation(config, run, state, mesh, feature_fn))
   summary['wall_time_sec'] = time.time() - start_time
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
@@ -293,73 +295,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def make_online_test_eval(config, run: Run, mesh):
+def eval_split(config, split: str, mesh):
+  """This process's un-augmented, padded batches of `split` at config.eval.batch_size."""
+  return input_pipeline.eval_dataset(
+      config.data.name, split,
+      local_batch=input_pipeline.local_batch_size(config.eval.batch_size, mesh),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      data_dir=config.data.data_dir)
+
+
+def probe_accuracy(probe_params, features, labels) -> float:
+  """Accuracy of the online linear probe on (features [M, F], labels [M])."""
+  _, acc = train_step_lib.probe_loss(jax.device_get(probe_params), jnp.asarray(features),
+                                     jnp.asarray(labels))
+  return float(acc)
+
+
+def make_online_test_eval(config, run: Run, mesh, feature_fn):
   """state -> the online probe's accuracy on (part of) the test split, now.
 
   Features of clean test images with BatchNorm in inference mode, as at the
   end of the run; config.eval.online_max_examples bounds the cost (0: all).
   """
-  feature_fn = evaluate.make_feature_fn(run.graphdef, run.image_size, run.spec.mean,
-                                        run.spec.std)
-  batch = config.eval.batch_size
-  max_batches = evaluate.num_batches(config.eval.online_max_examples, batch)
+  max_batches = evaluate.num_batches(config.eval.online_max_examples, config.eval.batch_size)
 
   def accuracy(state) -> float:
-    dataset = input_pipeline.eval_dataset(
-        config.data.name, run.spec.test_split,
-        local_batch=input_pipeline.local_batch_size(batch, mesh),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_dir=config.data.data_dir)
-    features, labels = evaluate.extract_features(feature_fn, state.params, state.batch_stats,
-                                                 dataset, mesh, max_batches)
-    _, acc = train_step_lib.probe_loss(jax.device_get(state.probe_params),
-                                       jnp.asarray(features), jnp.asarray(labels))
-    return float(acc)
+    features, labels = evaluate.extract_features(
+        feature_fn, state.params, state.batch_stats,
+        eval_split(config, run.spec.test_split, mesh), mesh, max_batches)
+    return probe_accuracy(state.probe_params, features, labels)
 
   return accuracy
 
-def final_evaluation(config, graphdef, state, spec, mesh, image_size, *, with_predictor
-                     ) -> dict[str, Any]:
+
+def final_evaluation(config, run: Run, state, mesh, feature_fn) -> dict[str, Any]:
   """Online probe, linear probe and kNN on the test split, and the baselines."""
   t0 = time.time()
-  ev = config.eval
-  batch = ev.batch_size
-  local = input_pipeline.local_batch_size(batch, mesh)
-  max_train = evaluate.num_batches(ev.max_train_examples, batch)
-  max_test = evaluate.num_batches(ev.max_test_examples, batch)
-
-  def dataset(split):
-    return input_pipeline.eval_dataset(
-        config.data.name, split, local_batch=local, process_index=jax.process_index(),
-        process_count=jax.process_count(), data_dir=config.data.data_dir)
-
-  feature_fn = evaluate.make_feature_fn(graphdef, image_size, spec.mean, spec.std)
+  ev, spec = config.eval, run.spec
+  max_train = evaluate.num_batches(ev.max_train_examples, ev.batch_size)
+  max_test = evaluate.num_batches(ev.max_test_examples, ev.batch_size)
 
   def features_of(params, batch_stats):
     train = evaluate.extract_features(feature_fn, params, batch_stats,
-                                      dataset(spec.train_split), mesh, max_train)
+                                      eval_split(config, spec.train_split, mesh), mesh, max_train)
     test = evaluate.extract_features(feature_fn, params, batch_stats,
-                                     dataset(spec.test_split), mesh, max_test)
+                                     eval_split(config, spec.test_split, mesh), mesh, max_test)
     return train, test
 
   print('ssl_jax: evaluating frozen features (linear probe, kNN)...', flush=True)
   train, test = features_of(state.params, state.batch_stats)
   out = {'eval': evaluate.evaluate_features(train, test, num_classes=spec.num_classes,
                                             config=ev)}
-  _, online_acc = train_step_lib.probe_loss(jax.device_get(state.probe_params),
-                                            jnp.asarray(test[0]), jnp.asarray(test[1]))
-  out['eval']['online_probe_test_acc'] = float(online_acc)
+  out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
   if ev.baselines:
     # Same architecture at initialisation, and raw pixels: what SSL must beat.
+    # (The model is rebuilt from the seed: run.state's buffers were donated to
+    # the first training step.)
     random_model = models.create_model(config.model, spec.channels,
-                                       with_predictor=with_predictor, seed=config.seed)
-    from flax import nnx
+                                       with_predictor=run.with_predictor, seed=config.seed)
     _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
     r_train, r_test = features_of(r_params, r_stats)
     out['baseline_random_init'] = evaluate.evaluate_features(
         r_train, r_test, num_classes=spec.num_classes, config=ev)
-    p_train = evaluate.raw_pixels(dataset(spec.train_split), max_train, spec.mean, spec.std)
-    p_test = evaluate.raw_pixels(dataset(spec.test_split), max_test, spec.mean, spec.std)
+    p_train = evaluate.raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
+                                  spec.mean, spec.std)
+    p_test = evaluate.raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
+                                 spec.mean, spec.std)
     out['baseline_raw_pixels'] = evaluate.evaluate_features(
         p_train, p_test, num_classes=spec.num_classes, config=ev)
   out['eval_time_sec'] = time.time() - t0
