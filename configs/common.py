@@ -67,7 +67,9 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
                 prefetch=2, image_size=None)
   c.aug = dict(preset='fashion_mnist', view_a=_view_overrides(), view_b=_view_overrides())
   c.model = dict(encoder=dict(name='small_cnn', width=1.0, stem='cifar'),
-                 projector='1024-1024-1024', predictor='1024-256', dtype='float32')
+                 projector='1024-1024-1024', predictor='1024-256', dtype='float32',
+                 # 'auto': im2col matmuls on CPU (ssl_jax/conv.py), lax.conv on GPU/TPU.
+                 conv_route='auto')
   if 'predictor' in recipe:
     c.model.projector, c.model.predictor = '1024-256', '1024-256'
   c.loss = dict(terms=objectives.method_terms(

@@ -23,6 +23,9 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+
+from ssl_jax import conv as conv_lib
 
 Array = jax.Array
 
@@ -67,7 +70,17 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
-def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype):
+def _conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn):
+  """A bias-free nnx.Conv ('SAME' padding) whose convolution is `conv_fn`.
+
+  conv_fn is `lax.conv_general_dilated` or ssl_jax.conv's im2col version
+  (model.conv_route); the parameters are nnx.Conv's either way.
+  """
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), stride, use_bias=False, dtype=dtype,
+                  rngs=rngs, conv_general_dilated=conv_fn)
+
+
+def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype, conv_fn):
   """(1x1 conv, BatchNorm) when the residual changes shape, else (None, None).
 
   Blocks assign the pair once: NNX treats an attribute first set to None as
@@ -75,19 +88,19 @@ def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype):
   """
   if stride == 1 and in_ch == out_ch:
     return None, None
-  return (nnx.Conv(in_ch, out_ch, (1, 1), stride, use_bias=False, dtype=dtype, rngs=rngs),
-          _bn(out_ch, rngs, dtype))
+  return _conv(in_ch, out_ch, 1, stride, rngs, dtype, conv_fn), _bn(out_ch, rngs, dtype)
 
 
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, in_ch, ch, stride, *, rngs, dtype):
-    self.conv1 = nnx.Conv(in_ch, ch, (3, 3), stride, use_bias=False, dtype=dtype, rngs=rngs)
+  def __init__(self, in_ch, ch, stride, *, rngs, dtype, conv_fn):
+    self.conv1 = _conv(in_ch, ch, 3, stride, rngs, dtype, conv_fn)
     self.bn1 = _bn(ch, rngs, dtype)
-    self.conv2 = nnx.Conv(ch, ch, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(ch, ch, 3, 1, rngs, dtype, conv_fn)
     self.bn2 = _bn(ch, rngs, dtype)
-    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, ch, stride, rngs, dtype)
+    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, ch, stride, rngs, dtype,
+                                                           conv_fn)
 
   def __call__(self, x, train):
     ura = not train
@@ -101,15 +114,16 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
   expansion = 4
 
-  def __init__(self, in_ch, ch, stride, *, rngs, dtype):
+  def __init__(self, in_ch, ch, stride, *, rngs, dtype, conv_fn):
     out_ch = ch * 4
-    self.conv1 = nnx.Conv(in_ch, ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv1 = _conv(in_ch, ch, 1, 1, rngs, dtype, conv_fn)
     self.bn1 = _bn(ch, rngs, dtype)
-    self.conv2 = nnx.Conv(ch, ch, (3, 3), stride, use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(ch, ch, 3, stride, rngs, dtype, conv_fn)
     self.bn2 = _bn(ch, rngs, dtype)
-    self.conv3 = nnx.Conv(ch, out_ch, (1, 1), 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv3 = _conv(ch, out_ch, 1, 1, rngs, dtype, conv_fn)
     self.bn3 = _bn(out_ch, rngs, dtype)
-    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, out_ch, stride, rngs, dtype)
+    self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, out_ch, stride, rngs, dtype,
+                                                           conv_fn)
 
   def __call__(self, x, train):
     ura = not train
@@ -129,7 +143,8 @@ class ResNet(nnx.Module):
   """ResNet encoder returning globally average-pooled features [B, F]."""
 
   def __init__(self, depth: int, in_channels: int, *, stem: str = 'cifar',
-               width: float = 1.0, rngs: nnx.Rngs, dtype: Any = None):
+               width: float = 1.0, rngs: nnx.Rngs, dtype: Any = None,
+               conv_fn=lax.conv_general_dilated):
     if depth not in RESNETS:
       raise ValueError(f'ResNet depth must be one of {sorted(RESNETS)}, got {depth}.')
     if stem not in ('cifar', 'imagenet'):
@@ -138,9 +153,9 @@ class ResNet(nnx.Module):
     base = max(1, int(64 * width))
     self.stem = stem
     if stem == 'cifar':
-      self.conv = nnx.Conv(in_channels, base, (3, 3), 1, use_bias=False, dtype=dtype, rngs=rngs)
+      self.conv = _conv(in_channels, base, 3, 1, rngs, dtype, conv_fn)
     else:
-      self.conv = nnx.Conv(in_channels, base, (7, 7), 2, use_bias=False, dtype=dtype, rngs=rngs)
+      self.conv = _conv(in_channels, base, 7, 2, rngs, dtype, conv_fn)
     self.bn = _bn(base, rngs, dtype)
     self.blocks = nnx.List()
     in_ch = base
@@ -148,7 +163,7 @@ class ResNet(nnx.Module):
       ch = base * 2 ** stage
       for i in range(count):
         stride = 2 if (stage > 0 and i == 0) else 1
-        self.blocks.append(block(in_ch, ch, stride, rngs=rngs, dtype=dtype))
+        self.blocks.append(block(in_ch, ch, stride, rngs=rngs, dtype=dtype, conv_fn=conv_fn))
         in_ch = ch * block.expansion
     self.out_features = in_ch
 
@@ -165,14 +180,13 @@ class SmallCNN(nnx.Module):
   """Conv(3x3)-BN-ReLU x4, strides 1-2-2-1, global average pool: for 28x28 on a CPU."""
 
   def __init__(self, in_channels: int, *, width: float = 1.0, rngs: nnx.Rngs,
-               dtype: Any = None):
+               dtype: Any = None, conv_fn=lax.conv_general_dilated):
     chans = [max(1, int(c * width)) for c in (32, 64, 128, 256)]
     strides = (1, 2, 2, 1)
     self.convs = nnx.List()
     self.norms = nnx.List()
     for ch, stride in zip(chans, strides):
-      self.convs.append(nnx.Conv(in_channels, ch, (3, 3), stride, use_bias=False, dtype=dtype,
-                                 rngs=rngs))
+      self.convs.append(_conv(in_channels, ch, 3, stride, rngs, dtype, conv_fn))
       self.norms.append(_bn(ch, rngs, dtype))
       in_channels = ch
     self.out_features = chans[-1]
@@ -204,13 +218,17 @@ class SSLModel(nnx.Module):
     return out
 
 
-def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
+def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None,
+                   conv_route: str = 'auto') -> nnx.Module:
+  """The encoder of `config` (model.encoder); conv_route: 'auto', 'im2col' or 'lax'."""
   name = config.name
+  conv_fn = conv_lib.conv_function(conv_route)
   if name == 'small_cnn':
-    return SmallCNN(in_channels, width=config.get('width', 1.0), rngs=rngs, dtype=dtype)
+    return SmallCNN(in_channels, width=config.get('width', 1.0), rngs=rngs, dtype=dtype,
+                    conv_fn=conv_fn)
   if name.startswith('resnet') and name[6:].isdigit():
     return ResNet(int(name[6:]), in_channels, stem=config.get('stem', 'cifar'),
-                  width=config.get('width', 1.0), rngs=rngs, dtype=dtype)
+                  width=config.get('width', 1.0), rngs=rngs, dtype=dtype, conv_fn=conv_fn)
   raise ValueError(f"Unknown encoder {name!r}; use 'small_cnn', 'resnet18', 'resnet34' "
                    "or 'resnet50' (--config.model.encoder.name).")
 
@@ -225,7 +243,8 @@ def create_model(config, in_channels: int, *, with_predictor: bool, seed: int) -
   """Builds the model of `config.model` (encoder, projector, predictor specs)."""
   dtype = compute_dtype(config.get('dtype', 'float32'))
   rngs = nnx.Rngs(seed)
-  encoder = create_encoder(config.encoder, in_channels, rngs, dtype)
+  encoder = create_encoder(config.encoder, in_channels, rngs, dtype,
+                           conv_route=config.get('conv_route', 'auto'))
   projector = MLP(encoder.out_features, config.projector, last_bias=False, rngs=rngs,
                   dtype=dtype)
   predictor = None

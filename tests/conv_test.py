@@ -1,0 +1,153 @@
+"""The im2col convolution route against lax.conv: values, gradients, devices, encoders."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+from jax.test_util import check_grads
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ssl_jax import conv
+from ssl_jax import models
+from ssl_jax import sharding
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# (H, W, C, O, kernel, stride, padding): every layer shape the encoders use
+# (small CNN 28x28 strides 1-2-2-1 from 1 channel; ResNet CIFAR stem 3x3/1 and
+# ImageNet stem 7x7/2; 3x3 stride 2 and 1x1 stride 1/2 in blocks), at odd and
+# even spatial sizes, plus VALID and explicit padding.
+CASES = [
+    (28, 28, 1, 8, 3, 1, 'SAME'), (28, 28, 8, 16, 3, 2, 'SAME'), (14, 14, 16, 8, 3, 2, 'SAME'),
+    (7, 7, 8, 16, 3, 1, 'SAME'), (9, 11, 3, 5, 3, 2, 'SAME'), (8, 8, 4, 6, 1, 2, 'SAME'),
+    (7, 7, 4, 6, 1, 2, 'SAME'), (5, 5, 4, 6, 1, 1, 'SAME'), (15, 15, 3, 4, 7, 2, 'SAME'),
+    (16, 16, 3, 4, 7, 2, 'SAME'), (9, 9, 3, 4, 3, 1, 'VALID'), (10, 10, 3, 4, 3, 2, 'VALID'),
+    (5, 5, 2, 3, 3, 3, 'SAME'), (6, 7, 2, 3, 3, 2, ((2, 0), (1, 1))),
+]
+
+
+def _both(x, w, stride, padding):
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                              dimension_numbers=NHWC)
+  ours = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding,
+                                                dimension_numbers=NHWC)
+  return ref, ours
+
+
+@pytest.mark.parametrize('h,w,c,o,k,stride,padding', CASES)
+def test_values_and_gradients_equal_lax_conv(h, w, c, o, k, stride, padding):
+  kx, kw, kc = jax.random.split(jax.random.key(h * 100 + c), 3)
+  x = jax.random.normal(kx, (3, h, w, c), jnp.float32)
+  kernel = jax.random.normal(kw, (k, k, c, o), jnp.float32) / np.sqrt(k * k * c)
+  ref, ours = _both(x, kernel, stride, padding)
+  y_ref = ref(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(kc, y_ref.shape, jnp.float32)
+  grads_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cotangent), (0, 1))(x, kernel)
+  grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1))(x, kernel)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_finite_differences_in_float64():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), jnp.float64)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.float64)
+    f = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
+    check_grads(f, (x, kernel), order=1, modes=['rev'])
+
+
+@pytest.mark.parametrize('chunk_bytes', [1, 2048, 1 << 30])
+def test_batch_chunking_does_not_change_the_result(monkeypatch, chunk_bytes):
+  # 1 byte: one image per loop iteration; 1 GiB: the whole batch at once.
+  x = jax.random.normal(jax.random.key(0), (8, 9, 9, 4), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.float32)
+  ref, _ = _both(x, kernel, 2, 'SAME')
+  monkeypatch.setattr(conv, 'CHUNK_BYTES', chunk_bytes)
+  f = lambda x, w: conv.conv2d(x, w, (2, 2), ((1, 1), (1, 1)))   # 'SAME' for 9 -> 5
+  np.testing.assert_allclose(f(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, kernel)
+  g = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1))(x, kernel)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_num_chunks_divides_the_batch_and_bounds_the_chunk():
+  assert conv.num_chunks(256, 1000, chunk_bytes=64_000) == 4    # 64 images of 1000 B
+  assert conv.num_chunks(256, 10, chunk_bytes=1 << 20) == 1
+  assert conv.num_chunks(6, 10 ** 9, chunk_bytes=1) == 2        # 6 = 2 * 3: powers of 2 only
+  assert conv.num_chunks(7, 10 ** 9, chunk_bytes=1) == 1
+
+
+def test_sharded_over_eight_devices_equals_one_device():
+  assert jax.device_count() == 8, 'tests/conftest.py sets 8 CPU devices'
+  mesh = sharding.make_mesh()   # the training step's 1-D Auto mesh
+  x = jax.random.normal(jax.random.key(0), (16, 14, 14, 8), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16), jnp.float32) / 8
+
+  def loss(x, w):
+    y = conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
+    return jnp.mean(jnp.square(y - jnp.mean(y, 0)))   # a batch statistic: global under jit
+
+  value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+  ws = jax.device_put(kernel, NamedSharding(mesh, P()))
+  value_8, grads_8 = jax.jit(jax.value_and_grad(loss, (0, 1)))(xs, ws)
+  np.testing.assert_allclose(value_8, value, rtol=1e-5)
+  for a, b in zip(grads_8, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_unsupported_cases_fall_back_to_lax_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4), jnp.float32)
+  grouped = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=NHWC,
+                 feature_group_count=2)
+  np.testing.assert_allclose(conv.conv_general_dilated(x, kernel, **grouped),
+                             lax.conv_general_dilated(x, kernel, **grouped), rtol=1e-6)
+
+
+def test_route_names():
+  assert conv.resolve_route('auto') == ('im2col' if jax.default_backend() == 'cpu' else 'lax')
+  assert conv.conv_function('lax') is lax.conv_general_dilated
+  assert conv.conv_function('im2col') is conv.conv_general_dilated
+  with pytest.raises(ValueError, match="conv_route must be one of"):
+    conv.resolve_route('winograd')
+
+
+@pytest.mark.parametrize('name,stem,size', [
+    ('small_cnn', 'cifar', 28), ('resnet18', 'cifar', 8), ('resnet18', 'imagenet', 17),
+    ('resnet50', 'imagenet', 32)])
+def test_encoders_give_the_same_outputs_and_gradients_on_both_routes(name, stem, size):
+  def make(route):
+    # dtype None: compute in the inputs' dtype (float64 below), not float32.
+    encoder = ml_collections.ConfigDict(dict(name=name, stem=stem, width=0.125))
+    return models.create_encoder(encoder, 3, nnx.Rngs(0), dtype=None, conv_route=route)
+
+  # In float64 (parameters cast up): deep ResNets with
+  # BatchNorm over 4 images at 1x1 resolution amplify float32 round-off of
+  # either route into percent-level gradient differences.
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (4, size, size, 3), jnp.float64)
+    results = {}
+    for route in ('lax', 'im2col'):
+      graphdef, params, stats = nnx.split(make(route), nnx.Param, nnx.BatchStat)
+      params, stats = jax.tree.map(lambda a: a.astype(jnp.float64), (params, stats))
+
+      def loss(params, graphdef=graphdef, stats=stats):
+        model = nnx.merge(graphdef, params, stats, copy=True)
+        return jnp.sum(jnp.square(model(x, train=True)))
+
+      results[route] = jax.jit(jax.value_and_grad(loss))(params)
+  (v_lax, g_lax), (v_ours, g_ours) = results['lax'], results['im2col']
+  np.testing.assert_allclose(v_ours, v_lax, rtol=1e-10)
+  # Same parameter tree on both routes: checkpoints do not depend on the route.
+  assert jax.tree.structure(g_ours) == jax.tree.structure(g_lax)
+  # Absolute tolerance relative to the largest gradient entry: some leaves are
+  # analytically zero (biases of Linear layers that BatchNorm follows).
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_lax))
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_lax)):
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9 * scale)
