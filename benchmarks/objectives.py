@@ -52,6 +52,7 @@ def bench_methods(n: int, d: int, repeats: int) -> list[tuple[str, float]]:
 ROUTED = {
     'covariance': lambda z, route: losses.covariance(z, route=route)[0],
     'logdet_entropy': lambda z, route: estimators.logdet_entropy(z, route=route)[0],
+    'barlow_twins': lambda z, route: losses.barlow_twins(z, z[::-1], route=route)[0],
 }
 
 

@@ -249,13 +249,18 @@ def vicreg(z_a: Array, z_b: Array, *, inv_weight: float = 25.0,
 # ----------------------------------------------------------------------------
 
 def barlow_twins(z_a: Array, z_b: Array, *, lambd: float = 0.0051,
-                 scale: float = 1.0, eps: float = 1e-5,
+                 scale: float = 1.0, eps: float = 1e-5, route: str = 'auto',
                  axis_name: Optional[str] = None) -> tuple[Array, Metrics]:
   """Barlow Twins: sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2, times scale.
 
   Each view is batch-normalised over the (global) batch without affine
   parameters (biased variance, + eps, as torch's BatchNorm1d in training
   mode), then c = z_a^T z_b / N.  solo-learn uses scale 0.1 on CIFAR.
+
+  The diagonal c_ii is O(N D). The full sum of squares ||a^T b||_F^2 / N^2
+  equals tr(a a^T b b^T) / N^2 = sum(G_a * G_b) / N^2 with the N x N Gram
+  matrices G = a a^T, so route 'gram' (chosen by 'auto' when N < D) never
+  forms the D x D matrix c.
   """
   check_pair(z_a, z_b, min_rows=1 if axis_name else 2)
   check_positive(lambd, 'lambd')
@@ -268,9 +273,14 @@ def barlow_twins(z_a: Array, z_b: Array, *, lambd: float = 0.0051,
   def batch_norm(z):
     return center(z) / jnp.sqrt(jnp.var(z, axis=0) + eps)
 
-  c = batch_norm(z_a).T @ batch_norm(z_b) / n            # [D, D]
-  on_diag = jnp.sum(jnp.square(1.0 - jnp.diagonal(c)))
-  off_diag = jnp.sum(jnp.square(c)) - jnp.sum(jnp.square(jnp.diagonal(c)))
+  a, b = batch_norm(z_a), batch_norm(z_b)
+  diagonal = jnp.sum(a * b, axis=0) / n                   # c_ii, [D]
+  if resolve_route(route, n, a.shape[1]) == 'gram':
+    sum_of_squares = jnp.sum((a @ a.T) * (b @ b.T)) / n ** 2   # two [N, N] Grams
+  else:
+    sum_of_squares = jnp.sum(jnp.square(a.T @ b / n))          # c itself, [D, D]
+  on_diag = jnp.sum(jnp.square(1.0 - diagonal))
+  off_diag = sum_of_squares - jnp.sum(jnp.square(diagonal))
   loss = scale * (on_diag + lambd * off_diag)
   return mean_over_devices(
       (loss, {'barlow_twins': loss, 'on_diag': on_diag, 'off_diag': off_diag}), axis_name)

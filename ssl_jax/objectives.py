@@ -90,9 +90,9 @@ def _pairwise(outputs, axis_name, sigma=1.0, sigma_mode='median', bound='upper',
                   sigma=sigma, sigma_mode=sigma_mode, bound=bound)
 
 
-def _barlow(outputs, axis_name, lambd=0.0051, scale=0.1, eps=1e-5):
+def _barlow(outputs, axis_name, lambd=0.0051, scale=0.1, eps=1e-5, route='auto'):
   return losses.barlow_twins(outputs['z_a'], outputs['z_b'], lambd=lambd,
-                             scale=scale, eps=eps, axis_name=axis_name)
+                             scale=scale, eps=eps, route=route, axis_name=axis_name)
 
 
 def _nt_xent(outputs, axis_name, temperature=0.2):

@@ -246,7 +246,10 @@ def test_median_sigma_gradient_treats_sigma_as_a_constant():
 @pytest.mark.parametrize('fn', [
     lambda z, route: losses.covariance(z, route=route)[0],
     lambda z, route: estimators.logdet_entropy(z, beta=0.5, route=route)[0],
-], ids=['covariance', 'logdet_entropy'])
+    # Two views: the second is a fixed nonlinear function of the first.
+    lambda z, route: losses.barlow_twins(z, jnp.tanh(z[::-1] + 0.3 * z), lambd=0.3,
+                                         route=route)[0],
+], ids=['covariance', 'logdet_entropy', 'barlow_twins'])
 def test_gram_route_equals_covariance_route(n, d, fn):
   z = normal(5, (n, d))
   v_gram, g_gram = jax.value_and_grad(lambda z: fn(z, 'gram'))(z)
