@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssl_jax import augment
+from ssl_jax import estimators
 from ssl_jax import input_pipeline
 from ssl_jax import train_step as train_step_lib
 
@@ -148,6 +149,27 @@ def evaluate_features(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
                              temperature=config.knn_temperature).items():
     out[f'knn{k}_test_acc'] = acc
   return out
+
+
+def embedding_statistics(features: np.ndarray, max_examples: int = 2048) -> dict[str, float]:
+  """Collapse and entropy measures of frozen features [M, F] (the first max_examples).
+
+  effective_rank (Roy & Vetterli), log-det entropy (beta 1, 1/N covariance),
+  the pairwise-distance mixture entropy's KL upper and Bhattacharyya lower
+  bounds (median bandwidth) and the Gaussian entropy (ridge 1e-6: features
+  can be rank-deficient). All are in nats and depend on the features' scale
+  except the effective rank.
+  """
+  z = jnp.asarray(features[:max_examples], jnp.float32)
+  return {
+      'effective_rank': float(estimators.effective_rank(z)),
+      'entropy_logdet': float(estimators.logdet_entropy(z, beta=1.0)[0]),
+      'entropy_pairwise_upper': float(estimators.pairwise_entropy(
+          z, sigma_mode='median', bound='upper')[0]),
+      'entropy_pairwise_lower': float(estimators.pairwise_entropy(
+          z, sigma_mode='median', bound='lower')[0]),
+      'entropy_gaussian': float(estimators.gaussian_entropy(z, eps=1e-6)[0]),
+  }
 
 
 def num_batches(num_examples: Optional[int], batch_size: int) -> Optional[int]:

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import os
-from typing import Iterator, Optional
+import re
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -91,6 +94,110 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
+EVAL_ON = ('test', 'validation')
+
+
+def spec_for(data_config) -> DatasetSpec:
+  """The dataset spec of `config.data`, with its validation hold-out applied.
+
+  data.holdout = K > 0 holds a fixed, class-balanced set of K images out of
+  the train split: pretraining and the probes' training use the rest, and
+  data.eval_on = 'validation' evaluates on the K held-out images instead of
+  the test split (for choosing hyper-parameters without touching the test
+  split); 'test' evaluates on the test split.
+  """
+  spec = get_spec(data_config.name)
+  holdout = int(data_config.get('holdout', 0) or 0)
+  eval_on = data_config.get('eval_on', 'test')
+  if eval_on not in EVAL_ON:
+    raise ValueError(f'data.eval_on must be one of {EVAL_ON}, got {eval_on!r}.')
+  if holdout < 0:
+    raise ValueError(f'data.holdout must be >= 0, got {holdout}.')
+  if holdout == 0:
+    if eval_on == 'validation':
+      raise ValueError("data.eval_on='validation' needs a hold-out: set data.holdout > 0 "
+                       '(for example 10000).')
+    return spec
+  if spec.pretrain_split != spec.train_split:
+    raise ValueError(f'data.holdout needs a dataset pretrained on its labelled split; '
+                     f'{data_config.name} pretrains on {spec.pretrain_split!r}.')
+  if holdout % spec.num_classes:
+    raise ValueError(f'data.holdout must be a multiple of the {spec.num_classes} classes '
+                     f'(class-balanced), got {holdout}.')
+  if holdout >= spec.num_pretrain_examples:
+    raise ValueError(f'data.holdout ({holdout}) must be smaller than the '
+                     f'{spec.num_pretrain_examples} training images.')
+  rest = f'{spec.train_split}[holdout={holdout}]'
+  return dataclasses.replace(
+      spec, pretrain_split=rest, train_split=rest,
+      test_split=(f'{spec.train_split}[holdout={holdout}:only]' if eval_on == 'validation'
+                  else spec.test_split),
+      num_pretrain_examples=spec.num_pretrain_examples - holdout)
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldoutSplit:
+  """`base` (a TFDS split or one process's part of it) with the hold-out of
+  `full` removed, or (only=True) nothing but the hold-out."""
+  base: Any
+  full: str
+  count: int
+  only: bool
+
+
+_HOLDOUT = re.compile(r'^(?P<full>[^\[\]]+)\[holdout=(?P<count>\d+)(?P<only>:only)?\]$')
+
+
+def parse_split(split):
+  """'train[holdout=10000]' / 'train[holdout=10000:only]' -> HoldoutSplit; else as is."""
+  if not isinstance(split, str):
+    return split
+  match = _HOLDOUT.match(split)
+  if match is None:
+    return split
+  return HoldoutSplit(base=match['full'], full=match['full'], count=int(match['count']),
+                      only=bool(match['only']))
+
+
+_RECORD_IDS: dict[tuple, list[tuple[bytes, int]]] = {}
+
+
+def record_ids(name: str, split, data_dir: Optional[str] = None) -> list[tuple[bytes, int]]:
+  """(tfds_id, label) of every record of `split`, in file order; images not decoded."""
+  import tensorflow_datasets as tfds
+  key = (name, repr(split), data_dir)
+  if key not in _RECORD_IDS:
+    ds = load_split(name, split, data_dir=data_dir, with_ids=True, decode_images=False)
+    batches = tfds.as_numpy(ds.map(lambda ex: (ex['tfds_id'], ex['label'])).batch(8192))
+    _RECORD_IDS[key] = [(bytes(i), int(label)) for ids, labels in batches
+                        for i, label in zip(ids, labels)]
+  return _RECORD_IDS[key]
+
+
+@functools.lru_cache(maxsize=8)
+def holdout_ids(name: str, full: str, count: int, data_dir: Optional[str] = None
+                ) -> frozenset[bytes]:
+  """The TFDS record ids of the class-balanced hold-out of `full`.
+
+  count / num_classes images per class: those whose ids come first in an
+  order fixed by a hash of the id, so the hold-out is the same on every
+  machine, process count and run. Keyed on ids (file and record), not on the
+  position in a process's shard.
+  """
+  per_class = count // get_spec(name).num_classes
+  by_class: dict[int, list[bytes]] = {}
+  for record_id, label in record_ids(name, full, data_dir):
+    by_class.setdefault(label, []).append(record_id)
+  chosen = []
+  for label in sorted(by_class):
+    ids = sorted(by_class[label], key=lambda i: hashlib.sha256(i).digest())
+    if len(ids) < per_class:
+      raise ValueError(f'Class {label} of {name} {full} has {len(ids)} images, fewer than '
+                       f'the {per_class} a hold-out of {count} takes from each class.')
+    chosen.extend(ids[:per_class])
+  return frozenset(chosen)
+
+
 # ----------------------------------------------------------------------------
 # Builders.
 # ----------------------------------------------------------------------------
@@ -131,16 +238,36 @@ def _prepare_fashion_mnist(builder) -> None:
 
 
 def load_split(name: str, split, *, data_dir: Optional[str] = None,
-               shuffle_files: bool = False, seed: int = 0):
+               shuffle_files: bool = False, seed: int = 0, with_ids: bool = False,
+               decode_images: bool = True):
   """A tf.data.Dataset of {'image', 'label'} for `split`, with clear errors.
 
-  `split` may be any TFDS split expression, including even_splits' objects.
+  `split` may be any TFDS split expression, including even_splits' objects,
+  or a hold-out split (`parse_split`, `process_split`). with_ids adds TFDS's
+  'tfds_id' of each record; decode_images=False leaves images encoded.
   """
+  import tensorflow as tf
   import tensorflow_datasets as tfds
+  split = parse_split(split)
+  if isinstance(split, HoldoutSplit):
+    held_out = holdout_ids(name, split.full, split.count, data_dir)
+    ids = sorted(held_out)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.ones(len(ids), tf.int32)),
+        default_value=0)
+    ds = load_split(name, split.base, data_dir=data_dir, shuffle_files=shuffle_files,
+                    seed=seed, with_ids=True, decode_images=decode_images)
+    ds = ds.filter(lambda ex: tf.equal(table.lookup(ex['tfds_id']) > 0, split.only))
+    if not with_ids:
+      ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != 'tfds_id'})
+    # Filtering hides the size; state it so that epochs and steps are known.
+    size = sum((i in held_out) == split.only for i, _ in record_ids(name, split.base, data_dir))
+    return ds.apply(tf.data.experimental.assert_cardinality(size))
   spec = get_spec(name)
   builder = _builder(name, data_dir)
-  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-  decoders = {'image': tfds.decode.SkipDecoding()} if spec.variable_size else None
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=with_ids)
+  skip = spec.variable_size or not decode_images
+  decoders = {'image': tfds.decode.SkipDecoding()} if skip else None
 
   def as_dataset():
     return builder.as_dataset(split=split, shuffle_files=shuffle_files,
@@ -166,6 +293,10 @@ def process_split(split: str, process_index: int, process_count: int):
   import tensorflow_datasets as tfds
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  parsed = parse_split(split)
+  if isinstance(parsed, HoldoutSplit):   # shard the base split, then filter each part
+    return dataclasses.replace(
+        parsed, base=tfds.even_splits(parsed.full, process_count)[process_index])
   return tfds.even_splits(split, process_count)[process_index]
 
 
@@ -209,7 +340,8 @@ def _encode_if_raw(image):
 
 
 def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int = 0,
-                     process_index: int = 0, process_count: int = 1,
+                     split: Optional[str] = None, process_index: int = 0,
+                     process_count: int = 1,
                      data_dir: Optional[str] = None, shuffle_buffer: int = 50_000,
                      host_crop_scale=(0.08, 1.0), host_crop_ratio=(3 / 4, 4 / 3)):
   """An infinite tf.data.Dataset of this process's pretraining batches.
@@ -220,6 +352,8 @@ def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int 
     seed: fixes the shuffles (and host crops); epoch e uses seed (seed, e).
     start_step: the first batch to yield: batches 0..start_step-1 of the same
       (seed, process) stream are skipped, cheaply (whole epochs are not read).
+    split: the split to pretrain on (default: the dataset's pretrain_split;
+      `spec_for` gives one without the validation hold-out).
   Returns:
     Batches {'image': uint8 [B, H, W, C], 'label': int32 [B]} and, for
     variable-size datasets, 'view_b' (the second host crop of each image).
@@ -230,7 +364,7 @@ def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int 
     raise ValueError(f'local_batch must be > 0, got {local_batch}.')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  split = process_split(spec.pretrain_split, process_index, process_count)
+  split = process_split(split or spec.pretrain_split, process_index, process_count)
   base = load_split(name, split, data_dir=data_dir, shuffle_files=True, seed=seed)
   if spec.cache:
     base = base.cache()

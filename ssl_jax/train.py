@@ -125,7 +125,7 @@ class Run:
 
 def build(config, mesh) -> Run:
   """Dataset spec, step counts, views, objective, model, optimisers, initial state."""
-  spec = input_pipeline.get_spec(config.data.name)
+  spec = input_pipeline.spec_for(config.data)
   global_batch = config.data.batch_size
   input_pipeline.local_batch_size(global_batch, mesh)  # divisibility, with a clear error
   total_steps = steps_from(config, 'total', spec.num_pretrain_examples, global_batch)
@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step < min(stop_at, total_steps):
     dataset = input_pipeline.pretrain_dataset(
         config.data.name, local_batch=local_batch, seed=config.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        split=spec.pretrain_split, process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
@@ -347,6 +347,7 @@ def final_evaluation(config, run: Run, state, mesh, feature_fn) -> dict[str, Any
   out = {'eval': evaluate.evaluate_features(train, test, num_classes=spec.num_classes,
                                             config=ev)}
   out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
+  out['eval'].update(evaluate.embedding_statistics(test[0]))
   if ev.baselines:
     # Same architecture at initialisation, and raw pixels: what SSL must beat.
     # (The model is rebuilt from the seed: run.state's buffers were donated to
