@@ -1,0 +1,62 @@
+"""The paper's eight-method comparison on Fashion-MNIST, on 2 CPU cores.
+
+  python -m ssl_jax.experiments --config=configs/experiments/fmnist_compare.py \
+      --root=runs/compare            # resumable; --shard=i/k splits it over machines
+
+Protocol (README, "The comparison"): 10,000 class-balanced training images are
+held out as a validation split; pretraining and the probes use the other
+50,000. Every method gets the same encoder (small CNN), budget (300 steps of
+batch 256 = 1.5 epochs of the 50,000), augmentations and probe. Each method
+has 4 tuning trials at seed 0, scored by the validation linear probe; the best
+one runs at seeds 0-2 and is evaluated once on the test split.
+
+Trials are comma-separated overrides of the method's config; `variant=add`
+picks the config variant that keeps VICReg's variance + covariance terms next
+to the entropy term.
+"""
+
+import ml_collections
+
+SHARED = ('data.holdout=10000, total_steps=300, eval.baselines=False, '
+          'eval.online_every_steps=0')
+
+LOGDET = 'loss.terms.logdet_entropy'
+PAIRWISE = 'loss.terms.pairwise_entropy'
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.name = 'fmnist_compare'
+  c.description = ('Fashion-MNIST, small CNN, 300 steps of batch 256, 2 CPU cores; tuned on a '
+                   '10,000-image validation hold-out, final seeds on the test split.')
+  c.shared = SHARED
+  c.tune_seed = 0
+  c.final_seeds = (0, 1, 2)
+  lrs = lambda *values: [f'optim.base_lr={v}' for v in values]
+  c.methods = dict(
+      vicreg=dict(config='configs/vicreg.py', trials=lrs(0.1, 0.3, 1.0, 3.0)),
+      vicreg_it=dict(config='configs/vicreg_it.py', trials=[
+          f'optim.base_lr=0.3, {LOGDET}.weight=0.25',
+          f'optim.base_lr=1.0, {LOGDET}.weight=0.25',
+          f'optim.base_lr=0.3, {LOGDET}.weight=1.0, {LOGDET}.beta=0.25',
+          f'optim.base_lr=0.3, {LOGDET}.weight=0.25, variant=add']),
+      vicreg_pairdist=dict(config='configs/vicreg_pairdist.py', trials=[
+          f'optim.base_lr=0.3, {PAIRWISE}.weight=1.0',
+          f'optim.base_lr=0.3, {PAIRWISE}.weight=1.0, {PAIRWISE}.bound=lower',
+          f'optim.base_lr=0.3, {PAIRWISE}.weight=1.0, variant=add',
+          f'optim.base_lr=1.0, {PAIRWISE}.weight=1.0, variant=add']),
+      byol=dict(config='configs/byol.py', trials=lrs(0.3, 1.0, 2.0, 4.0)),
+      byol_logdet=dict(config='configs/byol_logdet.py', trials=[
+          f'optim.base_lr=1.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=z',
+          f'optim.base_lr=1.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=p',
+          f'optim.base_lr=1.0, {LOGDET}.weight=1.0, {LOGDET}.inputs=z',
+          f'optim.base_lr=2.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=z']),
+      byol_pairdist=dict(config='configs/byol_pairdist.py', trials=[
+          f'optim.base_lr=1.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=z',
+          f'optim.base_lr=1.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=p',
+          f'optim.base_lr=1.0, {PAIRWISE}.weight=1.0, {PAIRWISE}.inputs=z',
+          f'optim.base_lr=2.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=z']),
+      simclr=dict(config='configs/simclr.py', trials=lrs(0.1, 0.4, 1.0, 2.0)),
+      barlow_twins=dict(config='configs/barlow_twins.py', trials=lrs(0.1, 0.3, 1.0, 3.0)),
+  )
+  return c
