@@ -27,5 +27,7 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist', 'scipy'],
+        # benchmarks/train_step.py --torch: the same step in PyTorch, side by side.
+        'bench': ['torch'],
     },
 )
