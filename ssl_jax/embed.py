@@ -55,6 +55,8 @@ def embed(workdir: str, split: str, out: str, batch_size: int = 1000) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from ssl_jax import metrics
+  metrics.quiet_library_logs()
   embed(_WORKDIR.value, _SPLIT.value, _OUT.value, _BATCH.value)
 
 

@@ -4,7 +4,9 @@
   python -m ssl_jax.main --config=configs/vicreg_it.py:cifar10 --config.optim.base_lr=0.2
 
 Running the same command again resumes from the newest checkpoint in
---workdir. On a multi-host TPU/GPU pod every host runs the same command;
+--workdir; on a finished run it prints the summary and stops (--reevaluate
+evaluates the final checkpoint again). Library INFO logs stay off the console
+unless --verbosity=0 (or -v 0) asks for them. On a multi-host TPU/GPU pod every host runs the same command;
 JAX's distributed runtime is initialised first (set SSL_JAX_DISTRIBUTED=1, or
 run on a Cloud TPU pod where it is detected).
 """
@@ -13,7 +15,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,13 +22,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Checkpoints, metrics and summary go here (default runs/<method>).')
+_REEVALUATE = flags.DEFINE_bool('reevaluate', False,
+                                'On a finished run, evaluate the final checkpoint again instead '
+                                'of printing its summary.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax and TFDS log every save and read at INFO; keep the progress bar readable.
-  logging.set_verbosity(logging.WARNING)
+  from ssl_jax import metrics
+  metrics.quiet_library_logs()   # keep the progress bar readable
   import jax
   if os.environ.get('SSL_JAX_DISTRIBUTED') == '1' or os.environ.get('TPU_WORKER_HOSTNAMES'):
     jax.distributed.initialize()
@@ -36,7 +40,7 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/vicreg_it.py')
   workdir = _WORKDIR.value or os.path.join('runs', config.method)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, reevaluate=_REEVALUATE.value)
 
 
 def run():

@@ -81,6 +81,19 @@ class Throughput:
     return rate
 
 
+def quiet_library_logs() -> None:
+  """Keeps Orbax's and TFDS's INFO lines (every save, every read) off the console.
+
+  Unless the command line asks for them with absl's --verbosity (-v).
+  """
+  from absl import flags
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    # TensorFlow's C++ INFO lines; read when TensorFlow loads, so call this first.
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
 def progress_bar(total: int, initial: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, initial=initial, disable=not enabled, unit='step',

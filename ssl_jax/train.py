@@ -136,6 +136,12 @@ def build(config, mesh) -> Run:
   # The objective's terms decide which networks exist (predictor, EMA target).
   objective = objectives.build_objective(config.loss.terms)
   needed = objectives.needed_outputs(config.loss.terms)
+  # Trace the objective on abstract embeddings now: its parameter checks
+  # (beta > 0, a known bound, ...) run at trace time, and should fail before
+  # any dataset is prepared or model compiled.
+  width = models.parse_mlp_spec(config.model.projector)[-1]
+  jax.eval_shape(objective, {name: jax.ShapeDtypeStruct((8, width), jnp.float32)
+                             for name in needed})
   with_predictor = bool(needed & {'p_a', 'p_b'})
   with_target = bool(needed & {'t_a', 't_b'})
   model = models.create_model(config.model, spec.channels, with_predictor=with_predictor,
@@ -169,13 +175,36 @@ def make_step_fn(run: Run, config, mesh):
       out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains as configured, checkpoints into workdir, evaluates; returns the summary."""
+def finished_summary(workdir: str, config) -> Optional[dict[str, Any]]:
+  """The summary.json of a completed, evaluated run of this config in workdir, else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  same_config = summary.get('config') == json.loads(config.to_json_best_effort())
+  done = summary.get('status') == 'completed' and ('eval' in summary or not config.eval.enabled)
+  return summary if done and same_config else None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       reevaluate: bool = False) -> dict[str, Any]:
+  """Pretrains as configured, checkpoints into workdir, evaluates; returns the summary.
+
+  A workdir whose run of the same config has finished and been evaluated is
+  not evaluated again (its summary is printed and returned) unless reevaluate.
+  """
   start_time = time.time()
   check_config(config)
   input_pipeline.hide_accelerators_from_tensorflow()
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if not reevaluate and (done := finished_summary(workdir, config)) is not None:
+    if is_main:
+      print(f'ssl_jax: {workdir} holds a finished run of this config; its summary follows. '
+            'Pass --reevaluate to evaluate its final checkpoint again.', flush=True)
+      _print_summary(done)
+    return done
 
   # ---- Mesh, data, objective, model, optimiser and initial state.
   mesh = sharding.make_mesh()

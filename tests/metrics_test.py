@@ -35,3 +35,20 @@ def test_plot_has_a_panel_per_group(tmp_path):
   path = metrics.plot_history(history, str(tmp_path / 'curves.png'), title='t')
   assert path and os.path.getsize(path) > 10_000
   assert metrics.plot_history([], str(tmp_path / 'none.png')) is None
+
+
+def test_library_info_logs_are_quiet_unless_asked_for():
+  from absl import flags
+  from absl import logging
+  before = logging.get_verbosity()
+  try:
+    logging.set_verbosity(logging.INFO)
+    metrics.quiet_library_logs()
+    assert logging.get_verbosity() == logging.WARNING
+    flags.FLAGS['verbosity'].present = 1      # as if --verbosity=0 was given
+    logging.set_verbosity(logging.INFO)
+    metrics.quiet_library_logs()
+    assert logging.get_verbosity() == logging.INFO
+  finally:
+    flags.FLAGS['verbosity'].present = 0
+    logging.set_verbosity(before)

@@ -88,10 +88,16 @@ def test_bfloat16_compute_trains_with_finite_float32_statistics(tmp_path):
   assert all(p.dtype == np.float32 for p in params)
 
 
-def test_summary_has_baselines_and_embed_writes_features(tmp_path):
+def test_summary_has_baselines_and_embed_writes_features(tmp_path, monkeypatch):
   config = smoke_config('vicreg', **{'eval.baselines': True})
   summary = train.train_and_evaluate(config, str(tmp_path))  # real Fashion-MNIST
   assert set(summary) >= {'eval', 'baseline_random_init', 'baseline_raw_pixels'}
+  # The same command again prints the finished run's summary, evaluating nothing.
+  with monkeypatch.context() as m:
+    m.setattr(train, 'final_evaluation', lambda *a, **k: pytest.fail('evaluated again'))
+    again = train.train_and_evaluate(smoke_config('vicreg', **{'eval.baselines': True}),
+                                     str(tmp_path))
+  assert again['eval'] == summary['eval']
   out = tmp_path / 'feats.npz'
   embed.embed(str(tmp_path), 'test[:100]', str(out), batch_size=32)
   data = np.load(out)
@@ -273,6 +279,15 @@ def test_bad_config_is_rejected_with_a_clear_error(override, message, tmp_path):
       timeout=300)
   assert result.returncode != 0
   assert message in result.stderr + result.stdout
+
+
+def test_bad_objective_parameter_is_rejected_before_any_data_is_read(tmp_path, monkeypatch):
+  from ssl_jax import input_pipeline
+  monkeypatch.setattr(input_pipeline, 'load_split',
+                      lambda *a, **k: pytest.fail('data was read before the config was checked'))
+  config = smoke_config('vicreg_it', **{'loss.terms.logdet_entropy.beta': -1.0})
+  with pytest.raises(ValueError, match='beta must be > 0, got -1.0'):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_config_variant():
