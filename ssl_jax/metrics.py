@@ -90,8 +90,6 @@ def quiet_library_logs() -> None:
   from absl import logging
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-    # TensorFlow's C++ INFO lines; read when TensorFlow loads, so call this first.
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
