@@ -51,6 +51,9 @@ _SHARD = flags.DEFINE_string('shard', '0/1', 'i/k: run only cells whose index is
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Cells run at once.')
 _AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False, 'Only rebuild the tables.')
 _MAX_CELLS = flags.DEFINE_integer('max_cells', 0, 'Stop after this many cells (0: all).')
+_README = flags.DEFINE_string('readme', 'README.md',
+                              'A file whose <!-- results:NAME:start/end --> block is replaced '
+                              'by the tables (skipped when it has no such block).')
 
 # Paired comparisons the paper claims: (entropy variant, its base method).
 CLAIMS = (('vicreg_it', 'vicreg'), ('vicreg_pairdist', 'vicreg'),
@@ -242,8 +245,8 @@ class Runner:
   """Runs cells as subprocesses (at most `parallel` at once), with a progress line."""
 
   def __init__(self, experiment, root: str, results: str, parallel: int, total: int,
-               done: int, max_cells: int = 0):
-    self.experiment, self.root, self.results = experiment, root, results
+               done: int, max_cells: int = 0, readme: Optional[str] = None):
+    self.experiment, self.root, self.results, self.readme = experiment, root, results, readme
     self.parallel = max(1, parallel)
     self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}
     self.total, self.done, self.started_here, self.finished_here = total, done, 0, 0
@@ -296,7 +299,7 @@ class Runner:
         self.finished_here += 1
         self.progress(f'finished {name}: {SELECTION_METRIC}='
                       f'{summary["eval"][SELECTION_METRIC]:.4f}')
-        aggregate(self.experiment, self.results)
+        aggregate(self.experiment, self.results, self.readme)
       elif not self.stopping:
         raise RuntimeError(f'Cell {name} exited with code {code} without a summary; see '
                            f'{os.path.join(workdir, "log.txt")}. Fix the cause and run the '
@@ -315,7 +318,7 @@ class Runner:
 
 
 def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: int,
-        max_cells: int = 0) -> None:
+        max_cells: int = 0, readme: Optional[str] = None) -> None:
   """Runs this shard's unfinished cells, tuning before final; resumable."""
   def plan():
     recorded = load_results(results, experiment)
@@ -325,7 +328,7 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
 
   recorded, mine = plan()
   done = sum(cell.name in recorded for cell in mine)
-  runner = Runner(experiment, root, results, parallel, len(mine), done, max_cells)
+  runner = Runner(experiment, root, results, parallel, len(mine), done, max_cells, readme)
   previous = {sig: signal.signal(sig, runner.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     runner.progress(f'experiment {experiment.name}, shard {shard[0]}/{shard[1]}, '
@@ -359,7 +362,7 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-  aggregate(experiment, results)
+  aggregate(experiment, results, readme)
   runner.progress('stopped' if runner.stopping else 'nothing left to run in this shard')
 
 
@@ -541,16 +544,37 @@ def plot(experiment, summary: dict[str, Any], path: str) -> Optional[str]:
   return path
 
 
-def aggregate(experiment, results_root: str) -> dict[str, Any]:
-  """Rebuilds results/<experiment>.json, .md and .png from the result files."""
+def update_readme(path: str, name: str, tables: str) -> bool:
+  """Replaces the <!-- results:NAME:start --> ... end block of `path`; False if absent."""
+  start, end = f'<!-- results:{name}:start -->', f'<!-- results:{name}:end -->'
+  if not path or not os.path.exists(path):
+    return False
+  with open(path) as f:
+    text = f.read()
+  if start not in text or end not in text:
+    return False
+  body = '\n'.join(('#' + line) if line.startswith('#') else line   # nest the headings
+                   for line in tables.splitlines()[1:])                # drop the title
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  with open(path + '.tmp', 'w') as f:
+    f.write(f'{head}{start}\n{body.strip()}\n{end}{tail}')
+  os.replace(path + '.tmp', path)
+  return True
+
+
+def aggregate(experiment, results_root: str, readme: Optional[str] = None) -> dict[str, Any]:
+  """Rebuilds results/<experiment>.json, .md and .png (and README's block) from the files."""
   results = load_results(results_root, experiment)
   summary = summarise(experiment, results)
   base = os.path.join(results_root, experiment.name)
   write_json(base + '.json', {'experiment': experiment.to_dict(), 'summary': summary,
                               'cells': results})
+  tables = markdown(experiment, results, summary)
   with open(base + '.md', 'w') as f:
-    f.write(markdown(experiment, results, summary))
+    f.write(tables)
   plot(experiment, summary, base + '.png')
+  update_readme(readme, experiment.name, tables)
   return summary
 
 
@@ -565,11 +589,11 @@ def main(argv):
     for trial in spec.trials:
       parse_overrides(trial)   # clear errors before anything runs
   if _AGGREGATE_ONLY.value:
-    aggregate(experiment, _RESULTS.value)
+    aggregate(experiment, _RESULTS.value, _README.value)
     print(f'experiments: wrote {os.path.join(_RESULTS.value, experiment.name)}.md/.json/.png')
     return
   run(experiment, _ROOT.value, _RESULTS.value, parse_shard(_SHARD.value), _PARALLEL.value,
-      _MAX_CELLS.value)
+      _MAX_CELLS.value, _README.value)
 
 
 if __name__ == '__main__':

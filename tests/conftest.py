@@ -12,3 +12,19 @@ if _flag not in os.environ.get('XLA_FLAGS', ''):
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # TensorFlow is only the input pipeline here; keep it off the GPU and small.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+
+def pytest_configure(config):
+  """Prepares Fashion-MNIST once, before pytest-xdist starts its workers.
+
+  Workers that found it missing would otherwise all build the same TFDS
+  files at once. Runs in the controller only (workers have `workerinput`).
+  """
+  if hasattr(config, 'workerinput'):
+    return
+  try:
+    from ssl_jax import input_pipeline
+    input_pipeline.load_split('fashion_mnist', 'test')
+  except Exception as error:  # pylint: disable=broad-except
+    # The tests that need the data report the problem (and how to fix it) themselves.
+    print(f'conftest: Fashion-MNIST could not be prepared: {error}')

@@ -104,7 +104,10 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
     else:
       value = (vicreg if cell.method == 'vicreg' else vicreg_it)[cell.seed]
     (folder / f'{cell.name}.json').write_text(json.dumps(fake_result(cell, value)))
-  summary = experiments.aggregate(exp, str(tmp_path))
+  readme = tmp_path / 'README.md'
+  readme.write_text('# ssl_jax\nbefore\n<!-- results:tiny:start -->\nold\n'
+                    '<!-- results:tiny:end -->\nafter\n')
+  summary = experiments.aggregate(exp, str(tmp_path), str(readme))
 
   # By hand: mean 0.81, sample sd 0.01, t_{0.975, 2} = 4.302653, n = 3.
   mean, half, n = summary['final']['vicreg']['stats']['linear_test_acc']
@@ -119,6 +122,10 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
   table = (tmp_path / 'tiny.md').read_text()
   assert '| vicreg | 3 | 81.00 ± 2.48 |' in table
   assert (tmp_path / 'tiny.png').stat().st_size > 0
+  text = readme.read_text()   # the README block is regenerated, the rest kept
+  assert 'old' not in text and '| vicreg | 3 | 81.00 ± 2.48 |' in text
+  assert text.startswith('# ssl_jax\nbefore\n') and text.endswith('after\n')
+  assert '### Final' in text
   assert len(json.loads((tmp_path / 'tiny.json').read_text())['cells']) == len(cells)
 
 
@@ -131,6 +138,7 @@ def test_verdicts():
 
 # ------------------------------------------------------ running (real cells)
 
+@pytest.mark.slow   # about 2.5 minutes on 2 cores: three processes, each compiling and evaluating
 def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypatch):
   """One method, one trial, one final seed: two real :smoke cells on Fashion-MNIST."""
   exp = experiment_config(final_seeds=(0,))

@@ -252,7 +252,8 @@ def test_incompatible_checkpoint_is_rejected(tmp_path):
 
 
 def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path):
-  kw = {'total_steps': 2, 'eval.enabled': False}
+  # An unfinished run (stopped at step 2 of 4) must restore its checkpoint to go on.
+  kw = {'total_steps': 4, 'stop_at_step': 2, 'eval.enabled': False}
   train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
   step_dir = tmp_path / 'checkpoints' / '2'
   for path in step_dir.rglob('*'):
