@@ -248,7 +248,8 @@ class Runner:
                done: int, max_cells: int = 0, readme: Optional[str] = None):
     self.experiment, self.root, self.results, self.readme = experiment, root, results, readme
     self.parallel = max(1, parallel)
-    self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}
+    # name -> (cell, process, start time, log file, commit the cell started at)
+    self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any, str]] = {}
     self.total, self.done, self.started_here, self.finished_here = total, done, 0, 0
     self.max_cells = max_cells
     self.cell_seconds: list[float] = []
@@ -275,17 +276,17 @@ class Runner:
     log.flush()
     process = subprocess.Popen(cell.command(workdir), stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    self.running[cell.name] = (cell, process, time.time(), log)
+    self.running[cell.name] = (cell, process, time.time(), log, git_commit())
     self.started_here += 1
     self.progress(f'started {cell.name}')
 
-  def record(self, cell: Cell, summary: dict[str, Any]) -> None:
+  def record(self, cell: Cell, summary: dict[str, Any], commit: str) -> None:
     write_json(result_path(self.results, self.experiment, cell),
-               result_from_summary(cell, summary, self.commit))
+               result_from_summary(cell, summary, commit))
     self.done += 1
 
   def poll(self) -> None:
-    for name, (cell, process, started, log) in list(self.running.items()):
+    for name, (cell, process, started, log, commit) in list(self.running.items()):
       code = process.poll()
       if code is None:
         continue
@@ -294,7 +295,7 @@ class Runner:
       workdir = os.path.join(self.root, name)
       summary = finished_summary(workdir)
       if summary is not None:
-        self.record(cell, summary)
+        self.record(cell, summary, commit)
         self.cell_seconds.append(time.time() - started)
         self.finished_here += 1
         self.progress(f'finished {name}: {SELECTION_METRIC}='
@@ -310,7 +311,7 @@ class Runner:
     self.stopping = True
     print(f'experiments: signal {signum}: asking running cells to checkpoint and stop...',
           flush=True)
-    for _, process, _, _ in self.running.values():
+    for _, process, _, _, _ in self.running.values():
       process.send_signal(signal.SIGTERM)
 
   def budget_left(self) -> bool:
@@ -346,7 +347,7 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
           continue
         summary = finished_summary(os.path.join(root, cell.name))
         if summary is not None:   # finished earlier, result file lost: record, don't rerun
-          runner.record(cell, summary)
+          runner.record(cell, summary, 'unknown (finished before this runner started)')
           runner.progress(f'recorded finished {cell.name}')
           continue
         runner.start(cell)

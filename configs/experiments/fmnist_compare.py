@@ -24,6 +24,14 @@ LOGDET = 'loss.terms.logdet_entropy'
 PAIRWISE = 'loss.terms.pairwise_entropy'
 
 
+def byol_entropy_trials(term):
+  """The same 4 trials for BYOL + LogDet and BYOL + PairDist: weight, z vs p, lr."""
+  return [f'optim.base_lr=1.0, {term}.weight=0.25, {term}.inputs=z',
+          f'optim.base_lr=1.0, {term}.weight=0.25, {term}.inputs=p',
+          f'optim.base_lr=1.0, {term}.weight=1.0, {term}.inputs=z',
+          f'optim.base_lr=2.0, {term}.weight=0.25, {term}.inputs=z']
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = 'fmnist_compare'
@@ -46,16 +54,9 @@ def get_config():
           f'optim.base_lr=0.3, {PAIRWISE}.weight=1.0, variant=add',
           f'optim.base_lr=1.0, {PAIRWISE}.weight=1.0, variant=add']),
       byol=dict(config='configs/byol.py', trials=lrs(0.3, 1.0, 2.0, 4.0)),
-      byol_logdet=dict(config='configs/byol_logdet.py', trials=[
-          f'optim.base_lr=1.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=z',
-          f'optim.base_lr=1.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=p',
-          f'optim.base_lr=1.0, {LOGDET}.weight=1.0, {LOGDET}.inputs=z',
-          f'optim.base_lr=2.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=z']),
-      byol_pairdist=dict(config='configs/byol_pairdist.py', trials=[
-          f'optim.base_lr=1.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=z',
-          f'optim.base_lr=1.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=p',
-          f'optim.base_lr=1.0, {PAIRWISE}.weight=1.0, {PAIRWISE}.inputs=z',
-          f'optim.base_lr=2.0, {PAIRWISE}.weight=0.25, {PAIRWISE}.inputs=z']),
+      byol_logdet=dict(config='configs/byol_logdet.py', trials=byol_entropy_trials(LOGDET)),
+      byol_pairdist=dict(config='configs/byol_pairdist.py',
+                         trials=byol_entropy_trials(PAIRWISE)),
       simclr=dict(config='configs/simclr.py', trials=lrs(0.1, 0.4, 1.0, 2.0)),
       barlow_twins=dict(config='configs/barlow_twins.py', trials=lrs(0.1, 0.3, 1.0, 3.0)),
   )
