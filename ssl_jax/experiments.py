@@ -43,6 +43,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ssl_jax import metrics
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _ROOT = flags.DEFINE_string('root', 'runs/experiments', 'Folder of the cells\' workdirs.')
@@ -233,12 +235,9 @@ def write_json(path: str, value: Any) -> None:
 # ----------------------------------------------------------------------------
 
 def finished_summary(workdir: str) -> Optional[dict[str, Any]]:
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  return summary if summary.get('status') == 'completed' and 'eval' in summary else None
+  """The summary of a completed, evaluated cell in workdir, else None."""
+  summary = metrics.completed_summary(workdir)
+  return summary if summary is not None and 'eval' in summary else None
 
 
 class Runner:

@@ -81,6 +81,16 @@ class Throughput:
     return rate
 
 
+def completed_summary(workdir: str) -> Optional[dict[str, Any]]:
+  """workdir/summary.json if the run there completed (status 'completed'), else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get('status') == 'completed' else None
+
+
 def quiet_library_logs() -> None:
   """Keeps Orbax's and TFDS's INFO lines (every save, every read) off the console.
 

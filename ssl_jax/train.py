@@ -177,14 +177,10 @@ def make_step_fn(run: Run, config, mesh):
 
 def finished_summary(workdir: str, config) -> Optional[dict[str, Any]]:
   """The summary.json of a completed, evaluated run of this config in workdir, else None."""
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
+  summary = metrics_lib.completed_summary(workdir)
+  if summary is None or summary.get('config') != json.loads(config.to_json_best_effort()):
     return None
-  with open(path) as f:
-    summary = json.load(f)
-  same_config = summary.get('config') == json.loads(config.to_json_best_effort())
-  done = summary.get('status') == 'completed' and ('eval' in summary or not config.eval.enabled)
-  return summary if done and same_config else None
+  return summary if 'eval' in summary or not config.eval.enabled else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
