@@ -1,6 +1,7 @@
 """Input pipeline: the real Fashion-MNIST default and mocked other datasets."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -133,3 +134,43 @@ def test_batch_not_divisible_by_devices():
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match='multiple of the device count 8.*batch_size'):
     input_pipeline.local_batch_size(12, mesh)
+
+
+def test_validation_holdout_is_class_balanced_fixed_and_disjoint_over_process_shards():
+  data = ml_collections.ConfigDict(dict(name='fashion_mnist', holdout=10_000,
+                                        eval_on='validation'))
+  spec = input_pipeline.spec_for(data)
+  assert spec.num_pretrain_examples == 50_000
+  assert spec.pretrain_split == spec.train_split == 'train[holdout=10000]'
+  batches = input_pipeline.eval_dataset('fashion_mnist', spec.test_split,
+                                        local_batch=1000).as_numpy_iterator()
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)   # 1,000 per class
+  held_out = input_pipeline.holdout_ids('fashion_mnist', 'train', 10_000)
+  assert len(held_out) == 10_000
+  # Two processes: their parts of the rest are disjoint, cover 50,000 images,
+  # and never touch the hold-out, which does not depend on the process count.
+  parts = []
+  for index in range(2):
+    split = input_pipeline.process_split(spec.train_split, index, 2)
+    ds = input_pipeline.load_split('fashion_mnist', split, with_ids=True, decode_images=False)
+    ids = [i for batch in ds.map(lambda ex: ex['tfds_id']).batch(8192).as_numpy_iterator()
+           for i in batch]
+    assert int(ds.cardinality()) == len(ids)
+    parts.append(set(ids))
+  assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 50_000
+  assert not (parts[0] | parts[1]) & held_out
+  assert spec == input_pipeline.spec_for(data)
+
+
+@pytest.mark.parametrize('holdout,eval_on,message', [
+    (0, 'validation', 'needs a hold-out'),
+    (1005, 'test', 'multiple of the 10 classes'),
+    (-10, 'test', 'must be >= 0'),
+    (60_000, 'test', 'must be smaller than'),
+    (1000, 'val', "data.eval_on must be one of"),
+])
+def test_bad_holdout_settings_are_rejected(holdout, eval_on, message):
+  data = ml_collections.ConfigDict(dict(name='fashion_mnist', holdout=holdout, eval_on=eval_on))
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.spec_for(data)
