@@ -192,7 +192,9 @@ def choose_trials(experiment, results: dict[str, dict]) -> dict[str, Optional[in
         result = results.get(cell.name)
         if result is None:
           break
-        scores.append((result['metrics'][SELECTION_METRIC], -cell.trial, cell.trial))
+        # A diverged trial (no metrics) ranks below every completed one.
+        scores.append((result['metrics'].get(SELECTION_METRIC, -math.inf), -cell.trial,
+                       cell.trial))
     else:
       chosen[method] = max(scores)[2] if scores else None
       continue
@@ -211,10 +213,29 @@ def git_commit() -> str:
     return 'unknown'
 
 
+def diverged_result(cell: Cell, log_text: str, seconds: float, commit: str
+                    ) -> Optional[dict[str, Any]]:
+  """A result for a cell whose loss became non-finite (ssl_jax.train.NonFiniteLossError).
+
+  A diverged trial is an outcome of the grid, not a crash: resuming it would
+  replay the same steps to the same NaN. It has no metrics and is never chosen.
+  """
+  lines = [line for line in log_text.splitlines() if 'NonFiniteLossError' in line]
+  if not lines:
+    return None
+  return {
+      'cell': cell.name, 'method': cell.method, 'stage': cell.stage, 'trial': cell.trial,
+      'seed': cell.seed, 'overrides': dict(cell.overrides), 'commit': commit,
+      'status': 'diverged', 'error': lines[-1].strip(), 'metrics': {}, 'steps': None,
+      'evaluated_on': None, 'wall_time_sec': seconds, 'config': None,
+  }
+
+
 def result_from_summary(cell: Cell, summary: dict[str, Any], commit: str) -> dict[str, Any]:
   return {
       'cell': cell.name, 'method': cell.method, 'stage': cell.stage, 'trial': cell.trial,
       'seed': cell.seed, 'overrides': dict(cell.overrides), 'commit': commit,
+      'status': 'completed',
       'evaluated_on': 'validation' if cell.stage == 'tune' else 'test',
       'metrics': summary['eval'], 'steps': summary['steps'],
       'wall_time_sec': summary['wall_time_sec'], 'config': summary['config'],
@@ -299,6 +320,14 @@ class Runner:
         self.finished_here += 1
         self.progress(f'finished {name}: {SELECTION_METRIC}='
                       f'{summary["eval"][SELECTION_METRIC]:.4f}')
+        aggregate(self.experiment, self.results, self.readme)
+        continue
+      with open(os.path.join(workdir, 'log.txt')) as f:
+        diverged = diverged_result(cell, f.read(), time.time() - started, commit)
+      if diverged is not None:
+        write_json(result_path(self.results, self.experiment, cell), diverged)
+        self.done += 1
+        self.progress(f'{name} diverged (non-finite loss): recorded, not retried')
         aggregate(self.experiment, self.results, self.readme)
       elif not self.stopping:
         raise RuntimeError(f'Cell {name} exited with code {code} without a summary; see '
@@ -439,7 +468,8 @@ def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
   chosen = choose_trials(experiment, results)
   final: dict[str, dict[str, Any]] = {}
   for method in experiment.methods:
-    rows = [r for r in results.values() if r['method'] == method and r['stage'] == 'final']
+    rows = [r for r in results.values() if r['method'] == method and r['stage'] == 'final'
+            and r.get('status', 'completed') == 'completed']
     stats = {m: mean_ci([metric(r, m) for r in rows]) for m in FINAL_METRICS}
     stats['wall_time_sec'] = mean_ci([r['wall_time_sec'] for r in rows])
     final[method] = {'seeds': sorted(r['seed'] for r in rows), 'stats': stats}
@@ -485,8 +515,9 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
     r = results.get(cell.name)
     trial = trials_of(experiment, cell.method)[cell.trial]
     text = ', '.join(f'{k}={v}' for k, v in trial.items()) or '(defaults)'
-    if r is None:
-      lines.append(f'| {cell.method} | {cell.trial} | {text} | pending | | | |')
+    if r is None or r.get('status') == 'diverged':
+      state = 'pending' if r is None else 'diverged (non-finite loss)'
+      lines.append(f'| {cell.method} | {cell.trial} | {text} | {state} | | | |')
       continue
     m = r['metrics']
     mark = 'yes' if summary['chosen_trial'].get(cell.method) == cell.trial else ''

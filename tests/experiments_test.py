@@ -71,6 +71,22 @@ def test_the_best_validation_trial_is_chosen_once_all_trials_are_in():
       exp, experiments.choose_trials(exp, results)) if c.method == 'vicreg_it')
 
 
+def test_a_diverged_trial_is_recorded_never_chosen_and_shown():
+  exp = experiment_config()
+  tune = {c.name: c for c in experiments.tuning_cells(exp)}
+  log = ('pretrain: 66%\nssl_jax.train.NonFiniteLossError: Non-finite loss (nan) at step 198 '
+         '(checked up to step 200); the last good checkpoint is step 100\n')
+  diverged = experiments.diverged_result(tune['vicreg__tune1__s0'], log, 60.0, 'abc')
+  assert diverged['status'] == 'diverged' and 'step 198' in diverged['error']
+  assert experiments.diverged_result(tune['vicreg__tune1__s0'], 'Killed\n', 1.0, 'a') is None
+  results = {'vicreg__tune0__s0': fake_result(tune['vicreg__tune0__s0'], 0.7),
+             'vicreg__tune1__s0': diverged,
+             'vicreg_it__tune0__s0': fake_result(tune['vicreg_it__tune0__s0'], 0.8)}
+  assert experiments.choose_trials(exp, results) == {'vicreg': 0, 'vicreg_it': 0}
+  table = experiments.markdown(exp, results, experiments.summarise(exp, results))
+  assert '| vicreg | 1 | variant=smoke, optim.base_lr=1.0 | diverged (non-finite loss) |' in table
+
+
 @pytest.mark.parametrize('shards', [1, 2, 3])
 def test_shards_cover_every_cell_exactly_once(shards):
   exp = experiment_config()
