@@ -270,7 +270,7 @@ class Runner:
     self.parallel = max(1, parallel)
     # name -> (cell, process, start time, log file, commit the cell started at)
     self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any, str]] = {}
-    self.total, self.done, self.started_here, self.finished_here = total, done, 0, 0
+    self.total, self.done, self.started_here = total, done, 0
     self.max_cells = max_cells
     self.cell_seconds: list[float] = []
     self.t0 = time.time()
@@ -317,7 +317,6 @@ class Runner:
       if summary is not None:
         self.record(cell, summary, commit)
         self.cell_seconds.append(time.time() - started)
-        self.finished_here += 1
         self.progress(f'finished {name}: {SELECTION_METRIC}='
                       f'{summary["eval"][SELECTION_METRIC]:.4f}')
         aggregate(self.experiment, self.results, self.readme)

@@ -6,8 +6,8 @@
 Running the same command again resumes from the newest checkpoint in
 --workdir; on a finished run it prints the summary and stops (--reevaluate
 evaluates the final checkpoint again). Library INFO logs stay off the console
-unless --verbosity=0 (or -v 0) asks for them. On a multi-host TPU/GPU pod every host runs the same command;
-JAX's distributed runtime is initialised first (set SSL_JAX_DISTRIBUTED=1, or
+unless --verbosity=0 (or -v 0) asks for them. On a multi-host TPU/GPU pod
+every host runs the same command; JAX's distributed runtime is initialised first (set SSL_JAX_DISTRIBUTED=1, or
 run on a Cloud TPU pod where it is detected).
 """
 
