@@ -85,6 +85,9 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   c.total_epochs, c.total_steps = 1.3, 0
   c.warmup_epochs, c.warmup_steps = 0.1, 0
   c.log_every_steps, c.ckpt_every_steps, c.keep_checkpoints = 10, 100, 3
+  # Checkpoints at multiples of this step are kept besides the newest
+  # keep_checkpoints, for `python -m ssl_jax.diagnose` over training (0: off).
+  c.keep_checkpoint_period = 100
   c.async_checkpoints = True
   c.stop_at_step = 0   # > 0: stop there with a checkpoint, as if pre-empted
   # online_every_steps: the online probe's test accuracy is measured at logged
@@ -93,6 +96,10 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
                 linear_batch_size=1024, knn_k=(20, 200), knn_temperature=0.07,
                 baselines=True, max_train_examples=0, max_test_examples=0,
                 online_every_steps=50, online_max_examples=0)
+
+  # Logged during training every every_steps (0: off) on num_images fixed
+  # evaluation images: entropy estimates, effective rank, invariance.
+  c.diagnostics = dict(every_steps=50, num_images=512)
 
   for term in c.loss.terms.values():
     if 'mode' in term and 'concat' in variants:
@@ -116,6 +123,7 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.log_every_steps, c.ckpt_every_steps = 50, 2000
     c.eval.linear_epochs, c.eval.baselines = 100, False
     c.eval.online_every_steps = 1000
+    c.keep_checkpoint_period, c.diagnostics.every_steps = 25_000, 1000
   if 'imagenet' in variants:
     # Official VICReg: ResNet-50, projector 8192-8192-8192, LARS eta 1e-3, wd 1e-6,
     # lr = 0.2 * batch / 256, batch 2048, 10 warm-up epochs, cosine to 0.001x.
@@ -130,6 +138,8 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.log_every_steps, c.ckpt_every_steps = 100, 2500
     c.eval.update(linear_epochs=100, batch_size=1024, baselines=False,
                   online_every_steps=2500, online_max_examples=10_000)
+    c.keep_checkpoint_period, c.diagnostics.every_steps = 62_500, 2500
+    c.diagnostics.num_images = 1024
   if 'smoke' in variants:
     c.data.batch_size, c.data.shuffle_buffer = 16, 64
     c.model.encoder = dict(name='small_cnn', width=0.25, stem='cifar')
@@ -140,4 +150,6 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.eval.update(batch_size=16, linear_epochs=2, linear_batch_size=16, knn_k=(2, 5),
                   max_train_examples=64, max_test_examples=32, online_every_steps=2,
                   online_max_examples=32)
+    c.keep_checkpoint_period = 2
+    c.diagnostics.update(every_steps=2, num_images=16)
   return c

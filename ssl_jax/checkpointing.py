@@ -39,12 +39,18 @@ def fingerprint(config) -> dict[str, Any]:
   return out
 
 
-def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True
-                 ) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
+                 keep_period: int = 0) -> ocp.CheckpointManager:
+  """The workdir's checkpoint manager: the newest max_to_keep checkpoints, plus
+  every checkpoint whose step is a multiple of keep_period (> 0), which
+  `ssl_jax.diagnose` reads to draw curves over training without a rerun."""
+  if keep_period < 0:
+    raise ValueError(f'keep_checkpoint_period must be >= 0 (0: off), got {keep_period}.')
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save))
+                                           enable_async_checkpointing=async_save,
+                                           keep_period=keep_period or None))
 
 
 def save(manager: ocp.CheckpointManager, state, config, *, force: bool = False) -> bool:
@@ -60,6 +66,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, config
   step = manager.latest_step()
   if step is None:
     return None
+  return restore_step(manager, step, abstract_state, config)
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, config) -> Any:
+  """The checkpoint at `step`, after checking it was written by a compatible config."""
   where = os.path.join(str(manager.directory), str(step))
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

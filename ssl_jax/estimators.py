@@ -126,11 +126,29 @@ def median_offdiag(d2: Array) -> Array:
 
 
 SIGMA_MODES = ('fixed', 'median')
-BOUNDS = {'upper': 2.0, 'lower': 8.0}  # c in exp(-d^2 / (c sigma^2))
+BOUNDS = {'upper': 2.0, 'lower': 8.0, 'chernoff': None}  # c in exp(-d^2 / (c sigma^2))
+
+
+def pairwise_kernel_constant(bound: str, alpha: float = 0.5) -> float:
+  """c in exp(-||z_i - z_j||^2 / (c sigma^2)) for each pairwise bound.
+
+  Between N(mu_i, s^2 I) and N(mu_j, s^2 I) the KL divergence is
+  d^2 / (2 s^2) (c = 2: upper bound) and the Chernoff alpha-divergence is
+  alpha (1 - alpha) d^2 / (2 s^2), so c = 2 / (alpha (1 - alpha)): a lower
+  bound for every alpha in (0, 1), the tightest at alpha = 1/2 for equal
+  covariances, which is the Bhattacharyya bound, c = 8 (Kolchinsky & Tracey
+  2017, section 4).
+  """
+  losses.check_choice(bound, 'bound', tuple(BOUNDS))
+  if bound != 'chernoff':
+    return BOUNDS[bound]
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f'The Chernoff bound needs alpha in (0, 1), got {alpha}.')
+  return 2.0 / (alpha * (1.0 - alpha))
 
 
 def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
-                     bound: str = 'upper', min_sigma2: float = 1e-12,
+                     bound: str = 'upper', alpha: float = 0.5, min_sigma2: float = 1e-12,
                      axis_name: Optional[str] = None) -> tuple[Array, Metrics]:
   """Pairwise-distance bounds on the entropy of a Gaussian mixture.
 
@@ -138,7 +156,9 @@ def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
   Kolchinsky & Tracey (2017), PAPER.md section 2:
     H = D/2 log(2 pi e sigma^2) + log N
         - (1/N) sum_i logsumexp_j(-||z_i - z_j||^2 / (c sigma^2)),
-  c = 2 (KL divergence: upper bound) or 8 (Bhattacharyya: lower bound); j
+  c = 2 (KL divergence: upper bound), 8 (Bhattacharyya: lower bound) or
+  2 / (alpha (1 - alpha)) (Chernoff alpha-divergence: a lower bound for any
+  alpha in (0, 1); alpha = 1/2 is Bhattacharyya); j
   runs over all rows, j = i included. The value lies between
   D/2 log(2 pi e sigma^2) and that + log N, so it cannot be raised by
   inflating the embedding scale.
@@ -150,7 +170,8 @@ def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
     sigma_mode: 'fixed' or 'median'. In 'median' mode sigma^2 is
       sigma^2 * median(d^2) under stop_gradient: the bandwidth is a choice of
       estimator, not something the network may move.
-    bound: 'upper' (KL) or 'lower' (Bhattacharyya).
+    bound: 'upper' (KL), 'lower' (Bhattacharyya) or 'chernoff' (with alpha).
+    alpha: the Chernoff order, only read when bound == 'chernoff'.
     min_sigma2: floor on sigma^2, so a collapsed batch (median 0) stays finite.
   Returns:
     (entropy, {'pairwise_entropy': entropy, 'sigma2': sigma^2}).
@@ -158,7 +179,7 @@ def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
   losses.check_embeddings(z, min_rows=1 if axis_name else 2)
   losses.check_positive(sigma, 'sigma')
   losses.check_choice(sigma_mode, 'sigma_mode', SIGMA_MODES)
-  losses.check_choice(bound, 'bound', tuple(BOUNDS))
+  c = pairwise_kernel_constant(bound, alpha)
   z = losses.to_stats_dtype(losses.gather_batch(z, axis_name))
   n, d = z.shape
   if n < 2:
@@ -169,7 +190,7 @@ def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
   else:
     sigma2 = jnp.asarray(sigma ** 2, z.dtype)
   sigma2 = jnp.maximum(sigma2, min_sigma2)
-  lse = jax.nn.logsumexp(-d2 / (BOUNDS[bound] * sigma2), axis=1)  # [N]
+  lse = jax.nn.logsumexp(-d2 / (c * sigma2), axis=1)  # [N]
   entropy = (0.5 * d * jnp.log(2 * math.pi * math.e * sigma2) + math.log(n)
              - jnp.mean(lse))
   return losses.mean_over_devices(
@@ -185,3 +206,49 @@ def effective_rank(z: Array) -> Array:
   s = jnp.linalg.svd(zc, compute_uv=False)
   p = s / jnp.maximum(jnp.sum(s), 1e-12)
   return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))
+
+
+def covariance_spectrum(z: Array) -> Array:
+  """Eigenvalues of C = zc^T zc / N, descending: [min(N, D)].
+
+  From the singular values of zc (s^2 / N), so neither the [D, D] covariance
+  nor the [N, N] Gram matrix is formed.
+  """
+  zc = losses.center(losses.to_stats_dtype(z))
+  s = jnp.linalg.svd(zc, compute_uv=False)
+  return jnp.square(s) / z.shape[0]
+
+
+def logdet_as_differential_entropy(logdet: Array, dim: int, beta: float) -> Array:
+  """0.5 log det(I + beta C) -> the differential entropy it stands for, in nats.
+
+  D/2 log(2 pi e / beta) + 0.5 log det(I + beta C) is the entropy of a
+  Gaussian with covariance C + I / beta: Z's second moments, smoothed by
+  isotropic noise of variance 1 / beta. This puts the log-det estimate on the
+  same scale as the Gaussian and pairwise entropies.
+  """
+  return logdet + 0.5 * dim * math.log(2 * math.pi * math.e / beta)
+
+
+def conditional_entropy_bound(z_a: Array, z_b: Array) -> tuple[Array, Metrics]:
+  """Upper bound on H(Z | X') from two views: D/2 log(2 pi e s^2).
+
+  PAPER.md section 1.4: H(Z | X') <= -E log q(Z | X') for any q. Take q the
+  isotropic Gaussian centred on the other view's embedding, N(z_b, s^2 I),
+  with s^2 fitted by maximum likelihood: s^2 = E||z_a - z_b||^2 / D, which is
+  VICReg's invariance term (the mean over N * D entries). Then
+  -E log q = D/2 log(2 pi s^2) + D/2 = D/2 log(2 pi e s^2).
+
+  Args:
+    z_a, z_b: [N, D] embeddings of two views of the same N inputs.
+  Returns:
+    (bound, {'invariance': s^2, 'conditional_entropy': bound}).
+  """
+  losses.check_embeddings(z_a)
+  if z_a.shape != z_b.shape:
+    raise ValueError(f'z_a and z_b must have the same shape, got {z_a.shape} and {z_b.shape}.')
+  z_a, z_b = losses.to_stats_dtype(z_a), losses.to_stats_dtype(z_b)
+  d = z_a.shape[1]
+  s2 = jnp.maximum(jnp.mean(jnp.square(z_a - z_b)), 1e-30)
+  bound = 0.5 * d * jnp.log(2 * math.pi * math.e * s2)
+  return bound, {'invariance': s2, 'conditional_entropy': bound}

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +73,13 @@ def raw_pixels(dataset, max_batches: Optional[int] = None, mean=None, std=None
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, num_classes: int, epochs: int = 30,
                  batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 seed: int = 0) -> dict[str, float]:
-  """Trains a linear classifier on frozen features; returns train/test accuracy."""
+                 seed: int = 0, with_params: bool = False) -> dict[str, Any]:
+  """Trains a linear classifier on frozen features; returns train/test accuracy.
+
+  Features are standardised with the train split's mean and std. The result
+  also holds the train and test cross-entropy; with_params adds 'params'
+  ({'w': [F, C], 'b': [C]}) and the standardisation 'mean' and 'std' [F].
+  """
   if epochs <= 0:
     raise ValueError(f'linear probe epochs must be > 0, got {epochs}.')
   mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
@@ -105,9 +110,13 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   for key in jax.random.split(jax.random.key(seed), epochs):
     carry, _ = epoch(carry, key)
   probe = carry[0]
-  _, train_acc = train_step_lib.probe_loss(probe, tr, tr_y)
-  _, test_acc = train_step_lib.probe_loss(probe, te, te_y)
-  return {'train_acc': float(train_acc), 'test_acc': float(test_acc)}
+  train_loss, train_acc = train_step_lib.probe_loss(probe, tr, tr_y)
+  test_loss, test_acc = train_step_lib.probe_loss(probe, te, te_y)
+  out = {'train_acc': float(train_acc), 'test_acc': float(test_acc),
+         'train_loss': float(train_loss), 'test_loss': float(test_loss)}
+  if with_params:
+    out.update(params=jax.device_get(probe), mean=mu, std=sd)
+  return out
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,

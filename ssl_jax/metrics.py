@@ -116,6 +116,8 @@ PLOT_GROUPS = (
     ('embedding', lambda k: k in ('embedding_std', 'embedding_std_normalized')),
     ('effective rank', lambda k: k == 'effective_rank'),
     ('learning rate', lambda k: k == 'lr'),
+    ('entropy (fixed batch)', lambda k: k.startswith('diag/') and 'entropy' in k),
+    ('effective rank (fixed batch)', lambda k: k.startswith('diag/') and k.endswith('rank')),
 )
 
 

@@ -18,7 +18,8 @@ updates when True, running averages when False.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,35 @@ def parse_mlp_spec(spec: str | Sequence[int]) -> list[int]:
   return dims
 
 
+# Open recorders of ReLU activation patterns (diagnostics' locality check).
+# They hold traced arrays only while a function is being traced under
+# `record_relu_patterns`; training never opens one, so the step is unchanged.
+_PATTERN_RECORDERS: list[list[Array]] = []
+
+
+def relu(x: Array) -> Array:
+  """nnx.relu; inside `record_relu_patterns` it also records the pattern x > 0."""
+  if _PATTERN_RECORDERS:
+    _PATTERN_RECORDERS[-1].append(x > 0)
+  return nnx.relu(x)
+
+
+@contextlib.contextmanager
+def record_relu_patterns() -> Iterator[list[Array]]:
+  """Collects the boolean activation pattern [B, ...] of every `relu` called inside.
+
+  The list fills in call order: the network's linear region, layer by layer
+  (PAPER.md section 1.1). Use it inside a traced function and return the
+  patterns, or reductions of them, as outputs.
+  """
+  patterns: list[Array] = []
+  _PATTERN_RECORDERS.append(patterns)
+  try:
+    yield patterns
+  finally:
+    _PATTERN_RECORDERS.pop()
+
+
 def _bn(features, rngs, dtype):
   # momentum 0.9 = torch's BatchNorm momentum 0.1.
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
@@ -66,7 +96,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array, train: bool) -> Array:
     for linear, norm in zip(self.hidden, self.norms):
-      x = nnx.relu(norm(linear(x), use_running_average=not train))
+      x = relu(norm(linear(x), use_running_average=not train))
     return self.out(x)
 
 
@@ -104,11 +134,11 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x, train):
     ura = not train
-    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = relu(self.bn1(self.conv1(x), use_running_average=ura))
     y = self.bn2(self.conv2(y), use_running_average=ura)
     if self.shortcut is not None:
       x = self.shortcut_bn(self.shortcut(x), use_running_average=ura)
-    return nnx.relu(x + y)
+    return relu(x + y)
 
 
 class Bottleneck(nnx.Module):
@@ -127,12 +157,12 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x, train):
     ura = not train
-    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    y = relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = relu(self.bn2(self.conv2(y), use_running_average=ura))
     y = self.bn3(self.conv3(y), use_running_average=ura)
     if self.shortcut is not None:
       x = self.shortcut_bn(self.shortcut(x), use_running_average=ura)
-    return nnx.relu(x + y)
+    return relu(x + y)
 
 
 RESNETS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
@@ -168,7 +198,7 @@ class ResNet(nnx.Module):
     self.out_features = in_ch
 
   def __call__(self, x, train):
-    x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+    x = relu(self.bn(self.conv(x), use_running_average=not train))
     if self.stem == 'imagenet':
       x = nnx.max_pool(x, (3, 3), (2, 2), padding='SAME')
     for block in self.blocks:
@@ -193,7 +223,7 @@ class SmallCNN(nnx.Module):
 
   def __call__(self, x, train):
     for conv, norm in zip(self.convs, self.norms):
-      x = nnx.relu(norm(conv(x), use_running_average=not train))
+      x = relu(norm(conv(x), use_running_average=not train))
     return jnp.mean(x, axis=(1, 2))
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from ssl_jax import augment
 from ssl_jax import checkpointing
+from ssl_jax import diagnostics
 from ssl_jax import evaluate
 from ssl_jax import input_pipeline
 from ssl_jax import metrics as metrics_lib
@@ -211,7 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Resume from the newest complete checkpoint in workdir.
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                       async_save=config.async_checkpoints)
+                                       async_save=config.async_checkpoints,
+                                       keep_period=config.keep_checkpoint_period)
   restored = checkpointing.restore_latest(manager, run.abstract_state(mesh), config)
   if restored is not None:
     state = restored
@@ -242,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
     online_test = make_online_test_eval(config, run, mesh, feature_fn)
+    monitor = diagnostics.make_training_monitor(config, run, mesh)
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
     last_saved = start_step if restored is not None else None
@@ -276,6 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if every > 0 and (step % every == 0 or step == total_steps):
             scalars['probe_test_acc'] = online_test(state)
             throughput.rate()  # restart the clock: evaluation is not training throughput
+          if monitor is not None and (diag := monitor(step, state)):
+            scalars.update(diag)
+            throughput.rate()
           writer.write_scalars(step, scalars)
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',

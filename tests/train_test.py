@@ -73,6 +73,11 @@ def test_every_smoke_config_trains_checkpoints_and_summarises(method, tmp_path):
   # The online probe's test accuracy is reported during the run (every 2 steps, and at the end).
   assert ['probe_test_acc' in r for r in rows] == [False, True, True]
   assert all(0.0 <= r['probe_test_acc'] <= 1.0 for r in rows if 'probe_test_acc' in r)
+  # Every method logs the entropy diagnostics on a fixed batch (every 2 steps, and at the end).
+  diag = ['diag/z_logdet_entropy', 'diag/z_pairwise_entropy', 'diag/features_effective_rank',
+          'diag/z_invariance']
+  assert [all(k in r for k in diag) for r in rows] == [False, True, True]
+  assert all(np.isfinite(r[k]) for r in rows[1:] for k in diag)
   assert os.path.getsize(tmp_path / 'training_curves.png') > 10_000
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
 

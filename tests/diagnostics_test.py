@@ -1,0 +1,293 @@
+"""Diagnostics: estimators and tests against known answers, and the command end to end."""
+
+import importlib
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_jax import diagnostics
+from ssl_jax import estimators
+from ssl_jax import models
+from ssl_jax import normality
+from ssl_jax import train
+
+
+# ---- Entropy estimators.
+
+def mixture_entropy_monte_carlo(centres, sigma, samples, seed=0):
+  """-E log p(x) of the uniform mixture of N(c_i, sigma^2 I), and its standard error."""
+  rng = np.random.default_rng(seed)
+  n, d = centres.shape
+  x = centres[rng.integers(0, n, samples)] + sigma * rng.standard_normal((samples, d))
+  d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
+  log_comp = -d2 / (2 * sigma ** 2) - 0.5 * d * math.log(2 * math.pi * sigma ** 2)
+  log_p = np.logaddexp.reduce(log_comp, axis=1) - math.log(n)
+  return -log_p.mean(), log_p.std() / math.sqrt(samples)
+
+
+@pytest.mark.parametrize('spread', [0.3, 1.0, 3.0])
+def test_pairwise_bounds_bracket_a_monte_carlo_mixture_entropy(spread):
+  rng = np.random.default_rng(1)
+  centres = spread * rng.standard_normal((12, 2))
+  sigma = 0.7
+  truth, se = mixture_entropy_monte_carlo(centres, sigma, 200_000)
+  z = jnp.asarray(centres, jnp.float32)
+  upper = float(estimators.pairwise_entropy(z, sigma=sigma, bound='upper')[0])
+  lower = float(estimators.pairwise_entropy(z, sigma=sigma, bound='lower')[0])
+  assert lower - 4 * se <= truth <= upper + 4 * se
+  for alpha in (0.05, 0.2, 0.5, 0.7, 0.95):
+    chernoff = float(estimators.pairwise_entropy(z, sigma=sigma, bound='chernoff',
+                                                 alpha=alpha)[0])
+    assert chernoff <= truth + 4 * se
+    assert chernoff <= lower + 1e-4   # alpha = 1/2 is the tightest for equal covariances
+
+
+def test_chernoff_half_is_bhattacharyya_and_is_symmetric_in_alpha():
+  z = jax.random.normal(jax.random.key(0), (32, 5))
+  lower = estimators.pairwise_entropy(z, sigma=0.5, bound='lower')[0]
+  half = estimators.pairwise_entropy(z, sigma=0.5, bound='chernoff', alpha=0.5)[0]
+  np.testing.assert_allclose(half, lower, rtol=1e-6)
+  a = estimators.pairwise_entropy(z, sigma=0.5, bound='chernoff', alpha=0.2)[0]
+  b = estimators.pairwise_entropy(z, sigma=0.5, bound='chernoff', alpha=0.8)[0]
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(ValueError, match='alpha in'):
+    estimators.pairwise_entropy(z, bound='chernoff', alpha=1.0)
+
+
+def test_conditional_entropy_bound_closed_form():
+  z_a = jnp.zeros((4, 3))
+  z_b = jnp.full((4, 3), 2.0)  # every squared difference is 4: s^2 = 4
+  bound, metrics = estimators.conditional_entropy_bound(z_a, z_b)
+  np.testing.assert_allclose(metrics['invariance'], 4.0)
+  np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 4.0), rtol=1e-6)
+
+
+def test_information_quantities_agree_with_the_estimators():
+  rng = np.random.default_rng(0)
+  z_a = rng.standard_normal((100, 20)).astype(np.float32) * np.linspace(0.1, 2, 20)
+  z_b = z_a + 0.1 * rng.standard_normal((100, 20)).astype(np.float32)
+  info = diagnostics.information_quantities(z_a, z_b, beta=0.5, alphas=(0.5,))
+  z = jnp.asarray(np.concatenate([z_a, z_b]))
+  cov = np.cov(np.concatenate([z_a, z_b]), rowvar=False, bias=True)
+  np.testing.assert_allclose(info['spectrum'], np.linalg.eigvalsh(cov)[::-1], rtol=1e-4)
+  np.testing.assert_allclose(info['logdet_entropy'],
+                             estimators.logdet_entropy(z, beta=0.5)[0], rtol=1e-5)
+  np.testing.assert_allclose(info['entropy_gaussian'], estimators.gaussian_entropy(
+      z, normalizer='n', eps=1e-6)[0], rtol=1e-5)
+  np.testing.assert_allclose(info['entropy_pairwise_lower'], estimators.pairwise_entropy(
+      z, sigma_mode='median', bound='lower')[0], rtol=1e-5)
+  np.testing.assert_allclose(info['chernoff']['0.5'], info['entropy_pairwise_lower'], rtol=1e-6)
+  # log-det as a differential entropy: the Gaussian entropy of C + I / beta.
+  smoothed = 0.5 * 20 * math.log(2 * math.pi * math.e) + 0.5 * np.linalg.slogdet(
+      cov + np.eye(20) / 0.5)[1]
+  np.testing.assert_allclose(info['entropy_logdet'], smoothed, rtol=1e-5)
+  for name in diagnostics.ENTROPIES:
+    assert info[f'mi_{name}'] == pytest.approx(info[f'entropy_{name}']
+                                               - info['conditional_entropy'])
+
+
+@pytest.mark.parametrize('k', [1, 3, 10])
+def test_effective_rank_of_a_constructed_rank_k_matrix(k):
+  rng = np.random.default_rng(k)
+  n, d = 200, 40
+  # Orthonormal columns orthogonal to the ones vector, so centring changes nothing.
+  q, _ = np.linalg.qr(np.concatenate([np.ones((n, 1)), rng.standard_normal((n, k))], 1))
+  u = q[:, 1:k + 1]
+  v, _ = np.linalg.qr(rng.standard_normal((d, k)))
+  z = jnp.asarray(3.0 * u @ v.T, jnp.float32)  # k equal singular values
+  assert float(estimators.effective_rank(z)) == pytest.approx(k, rel=1e-4)
+
+
+# ---- Locality.
+
+def two_layer_net(always_active):
+  w1 = jax.random.normal(jax.random.key(1), (10, 32))
+  w2 = jax.random.normal(jax.random.key(2), (32, 16))
+  shift = 1e6 if always_active else 0.0   # every unit on for any input: a linear map
+
+  def patterns(x):
+    with models.record_relu_patterns() as recorded:
+      models.relu(models.relu(x @ w1 + shift) @ w2 + shift)
+    return recorded
+  return patterns
+
+
+def test_a_linear_network_has_locality_one_at_every_noise_scale():
+  x = jax.random.normal(jax.random.key(0), (8, 10))
+  out = diagnostics.locality(two_layer_net(True), x, jax.random.key(3),
+                             scales=(1e-3, 1.0, 100.0), copies=16)
+  assert out['encoder'] == [1.0, 1.0, 1.0]
+  assert np.all(np.asarray(out['per_layer']) == 1.0)
+
+
+def test_a_relu_network_under_huge_noise_has_locality_near_zero():
+  x = jax.random.normal(jax.random.key(0), (8, 10))
+  out = diagnostics.locality(two_layer_net(False), x, jax.random.key(3),
+                             scales=(0.0, 1e3), copies=16)
+  assert out['encoder'] == [1.0, 0.0]
+  agreement = np.asarray(out['unit_agreement'])
+  assert np.all(agreement[0] == 1.0)
+  assert np.all((agreement[1] > 0.3) & (agreement[1] < 0.7))  # sign of noise: a coin flip
+
+
+def test_relu_patterns_of_the_small_cnn_are_recorded_per_layer():
+  from flax import nnx
+  cnn = models.SmallCNN(1, width=0.25, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  with models.record_relu_patterns() as recorded:
+    cnn(x, train=False)
+  assert [p.shape for p in recorded] == [(2, 28, 28, 8), (2, 14, 14, 16), (2, 7, 7, 32),
+                                         (2, 7, 7, 64)]
+  assert all(p.dtype == jnp.bool_ for p in recorded)
+  with models.record_relu_patterns() as outside:
+    pass
+  cnn(x, train=False)
+  assert outside == []
+
+
+# ---- Normality tests.
+
+def test_henze_zirkler_matches_pingouin():
+  # Reference values from pingouin 0.7.0, multivariate_normality(x), on these samples.
+  x = np.random.default_rng(1).standard_normal((30, 3))
+  hz, p = normality.henze_zirkler(x)
+  assert hz == pytest.approx(0.5531640776442903, rel=1e-9)
+  assert p == pytest.approx(0.6306097130965649, rel=1e-9)
+  x = np.random.default_rng(2).uniform(size=(50, 4))
+  hz, p = normality.henze_zirkler(x)
+  assert hz == pytest.approx(1.0431922950734955, rel=1e-9)
+  assert p == pytest.approx(0.009832258636607805, rel=1e-9)
+
+
+def pass_rate(test, draws):
+  return np.mean([test(x) >= 0.05 for x in draws])
+
+
+def test_gaussian_samples_pass_at_the_nominal_rate():
+  rng = np.random.default_rng(0)
+  draws = [rng.standard_normal((50, 4)) @ rng.standard_normal((4, 4)) for _ in range(400)]
+  # 400 draws: the binomial standard error at 0.95 is 0.011.
+  assert 0.92 <= pass_rate(lambda x: normality.henze_zirkler(x)[1], draws) <= 0.98
+  assert 0.92 <= pass_rate(lambda x: normality.mardia(x)['skewness_p'], draws) <= 0.995
+
+
+def test_uniform_and_bimodal_samples_almost_never_pass():
+  rng = np.random.default_rng(0)
+  uniform = [rng.uniform(size=(200, 2)) for _ in range(100)]
+  bimodal = [rng.standard_normal((100, 2)) + np.where(rng.uniform(size=(100, 1)) < 0.5, -3, 3)
+             * np.array([1.0, 0.0]) for _ in range(100)]
+  assert pass_rate(lambda x: normality.henze_zirkler(x)[1], uniform) <= 0.05
+  assert pass_rate(lambda x: normality.henze_zirkler(x)[1], bimodal) <= 0.05
+
+
+def test_within_image_normality_of_gaussian_and_of_bimodal_views():
+  rng = np.random.default_rng(0)
+  k, m, d = 60, 80, 24
+  means = rng.standard_normal((k, 1, d)) * 5
+  mixing = rng.standard_normal((k, d, d)) / math.sqrt(d)
+  gaussian = means + np.einsum('kmd,kde->kme', rng.standard_normal((k, m, d)), mixing)
+  out = normality.within_image_normality(gaussian, dims=8)
+  assert out['nominal_pass_rate'] == 0.95
+  assert out['henze_zirkler_pass_rate'] >= 0.85
+  assert out['shapiro_wilk_pass_rate'] >= 0.9
+  assert len(out['within_image_spectrum']) == d
+  assert sum(out['within_image_spectrum']) == pytest.approx(1.0)
+  # Two clusters of views per image along one direction: the leading principal
+  # direction is the bimodal one, and the test sees it. Its power on 40 views
+  # falls with the dimension it tests in (measured: 0.0 / 0.12 / 0.75 pass at
+  # 2 / 4 / 8 dims), hence the default of 4.
+  sign = np.where(rng.uniform(size=(k, m, 1)) < 0.5, -1.0, 1.0)
+  bimodal = gaussian + 6.0 * sign * np.eye(d)[0]
+  assert normality.within_image_normality(bimodal, dims=2)['henze_zirkler_pass_rate'] <= 0.05
+  assert normality.within_image_normality(bimodal, dims=4)['henze_zirkler_pass_rate'] <= 0.2
+  with pytest.raises(ValueError, match='5 x dims'):
+    normality.within_image_normality(gaussian[:, :40], dims=8)
+
+
+# ---- Label-free selection.
+
+def test_spearman_interval_and_label_free_selection(tmp_path):
+  rho, low, high, n = diagnostics.spearman_ci([1, 2, 3, 4, 5, 6], [2, 4, 5, 8, 9, 12])
+  assert (rho, n) == (1.0, 6) and low > 0.5
+  results = tmp_path / 'exp'
+  results.mkdir()
+  for i in range(6):
+    metrics = {'linear_test_acc': 0.5 + 0.05 * i, 'effective_rank': 10.0 + i,
+               'entropy_logdet': -float(i), 'entropy_pairwise_upper': 1.0,
+               'entropy_pairwise_lower': 1.0, 'entropy_gaussian': float(i % 2)}
+    with open(results / f'm__tune{i}__s0.json', 'w') as f:
+      json.dump({'cell': f'm__tune{i}__s0', 'method': 'm', 'stage': 'tune',
+                 'metrics': metrics}, f)
+  with open(results / 'm__final__s0.json', 'w') as f:   # final cells are not used
+    json.dump({'cell': 'm__final__s0', 'method': 'm', 'stage': 'final',
+               'metrics': {'linear_test_acc': 0.0, 'effective_rank': 99.0}}, f)
+  out = diagnostics.label_free_selection(str(results), str(tmp_path / 'sel'))
+  assert out['correlations']['effective_rank']['spearman'] == pytest.approx(1.0)
+  assert out['correlations']['entropy_logdet']['spearman'] == pytest.approx(-1.0)
+  assert out['correlations']['effective_rank']['n'] == 6
+  assert math.isnan(out['correlations']['entropy_pairwise_upper']['spearman'])  # constant
+  for ext in ('json', 'md', 'png'):
+    assert os.path.getsize(tmp_path / f'sel.{ext}') > 100
+
+
+# ---- The command, end to end.
+
+def test_select_steps():
+  assert diagnostics.select_steps([2, 4], 'all') == [0, 2, 4]
+  assert diagnostics.select_steps([4, 2], 'last') == [4]
+  assert diagnostics.select_steps([2, 4], '4,0') == [0, 4]
+  with pytest.raises(ValueError, match='No checkpoint at step'):
+    diagnostics.select_steps([2, 4], '3')
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    diagnostics.select_steps([], 'last')
+
+
+def test_bad_settings_are_rejected():
+  with pytest.raises(ValueError, match='gauss_views >= 80'):
+    diagnostics.Settings(gauss_views=60, gauss_dims=8)
+  with pytest.raises(ValueError, match='must be > 0'):
+    diagnostics.Settings(num_images=0)
+
+
+def test_diagnose_a_smoke_workdir(tmp_path):
+  config = importlib.import_module('configs.vicreg').get_config('smoke')
+  config.eval.baselines = False
+  config.total_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  settings = diagnostics.Settings(num_images=32, locality_images=4, locality_copies=4,
+                                  noise_scales=(1e-6, 10.0), gauss_images=3, gauss_views=20,
+                                  gauss_dims=2, gauss_directions_1d=2, probe_train_images=64,
+                                  probe_test_images=32, probe_epochs=2, batch_size=32)
+  record = diagnostics.diagnose_workdir(str(tmp_path), settings=settings, progress=False)
+  # keep_checkpoint_period=2 (smoke) keeps step 2 beside the newest; step 0 is the init.
+  assert sorted(record['steps'], key=int) == ['0', '2', '4']
+  out = tmp_path / 'diagnostics'
+  with open(out / 'diagnostics.json') as f:
+    saved = json.load(f)
+  for step in ('0', '2', '4'):
+    r = saved['steps'][step]
+    for rep in ('features', 'z'):
+      info = r['information'][rep]
+      assert all(math.isfinite(info[k]) for k in ('entropy_gaussian', 'entropy_logdet',
+                                                  'entropy_pairwise_upper', 'mi_pairwise_lower',
+                                                  'conditional_entropy', 'effective_rank'))
+      assert info['entropy_pairwise_lower'] <= info['entropy_pairwise_upper']
+      assert 0.0 <= r['gaussianity'][rep]['henze_zirkler_pass_rate'] <= 1.0
+    assert r['locality']['scales'] == [1e-6, 10.0]
+    assert r['locality']['encoder'][1] == 0.0
+    assert len(r['locality']['per_layer'][0]) == 4   # the small CNN's four ReLU layers
+    assert r['generalisation']['probe_train_examples'] == 64
+  for name in ('information', 'spectrum', 'locality', 'gaussianity', 'generalisation'):
+    assert os.path.getsize(out / f'{name}.png') > 10_000
+  assert any(n.startswith('events') for n in os.listdir(out / 'tensorboard'))
+  rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [0, 2, 4]
+  # Running it again for the last step keeps the earlier steps' results.
+  again = diagnostics.diagnose_workdir(str(tmp_path), checkpoints='last', settings=settings,
+                                       progress=False)
+  assert sorted(again['steps'], key=int) == ['0', '2', '4']
