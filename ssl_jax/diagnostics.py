@@ -48,6 +48,7 @@ from ssl_jax import sharding
 
 REPRESENTATIONS = ('features', 'z')    # encoder output, projector output
 ENTROPIES = ('gaussian', 'logdet', 'pairwise_upper', 'pairwise_lower')
+INFORMATION = ('gaussian', 'logdet', 'pairwise_upper', 'pairwise_lower')   # mi_<name>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,65 +105,96 @@ def _spectrum_stats(z: jax.Array) -> dict[str, jax.Array]:
 
 
 @jax.jit
-def _pairwise_all(z: jax.Array, alphas: jax.Array) -> dict[str, jax.Array]:
-  """Every pairwise bound at the median bandwidth, sharing one distance matrix."""
-  n, d = z.shape
+def _pairwise_terms(z: jax.Array, sigma2: jax.Array, alphas: jax.Array) -> dict[str, jax.Array]:
+  """(1/N) sum_i logsumexp_j(-||z_i - z_j||^2 / (c sigma^2)) for the KL (c = 2),
+  Bhattacharyya (c = 8) and Chernoff-alpha kernels, sharing one distance
+  matrix; sigma2 <= 0 means the median off-diagonal squared distance."""
   d2 = estimators.pairwise_sq_distances(z)
-  sigma2 = jnp.maximum(estimators.median_offdiag(d2), 1e-12)
-  base = 0.5 * d * jnp.log(2 * math.pi * math.e * sigma2) + math.log(n)
-  bound = lambda c: base - jnp.mean(jax.nn.logsumexp(-d2 / (c * sigma2), axis=1))
-  return {'pairwise_upper': bound(2.0), 'pairwise_lower': bound(8.0),
-          'chernoff': jax.vmap(lambda a: bound(2.0 / (a * (1.0 - a))))(alphas),
-          'sigma2': sigma2}
+  sigma2 = jnp.where(sigma2 > 0, sigma2, estimators.median_offdiag(d2))
+  sigma2 = jnp.maximum(sigma2, 1e-12)
+  lse = lambda c: jnp.mean(jax.nn.logsumexp(-d2 / (c * sigma2), axis=1))
+  return {'upper': lse(2.0), 'lower': lse(8.0),
+          'chernoff': jax.vmap(lambda a: lse(2.0 / (a * (1.0 - a))))(alphas), 'sigma2': sigma2}
 
 
 def information_quantities(z_a: np.ndarray, z_b: np.ndarray, *, beta: float = 1.0,
                            alphas: Sequence[float] = (0.5,)) -> dict[str, Any]:
-  """Entropy estimates of Z, the conditional bound and I(Z; X') estimates.
+  """Entropy estimates of Z, the conditional entropy, and I(Z; X) estimates.
+
+  Entropy of Z, on the sample of both views [2N, D], with the estimators the
+  objectives use: entropy_gaussian (ridge 1e-6), entropy_logdet (the run's
+  beta, as the differential entropy it stands for:
+  estimators.logdet_as_differential_entropy; logdet_entropy is the raw
+  0.5 log det(I + beta C)) and entropy_pairwise_upper / _lower (KL and
+  Bhattacharyya bounds at the median bandwidth, as the pairwise objective).
+
+  The conditional term and the information, under the paper's model
+  (PAPER.md section 1): given an image, Z ~ N(mu_n, s^2 I). Two views fit
+  s^2 = invariance / 2 per dimension (E(z_a - z_b)^2 = 2 s^2), so
+    conditional_entropy = H(Z | X) = D/2 log(2 pi e s^2), and
+    conditional_entropy_paper = D/2 log(2 pi e * invariance), the bound
+      -E log q(Z | X') with q = N(z_b, s'^2 I) centred on the other view
+      (estimators.conditional_entropy_bound), looser by D/2 log 2.
+  Z is then the mixture of the N components N(mu_n, s^2 I), mu_n estimated
+  by the views' midpoint, and I(Z; X) = H(Z) - H(Z | X) is:
+    mi_pairwise_lower <= I <= mi_pairwise_upper: Kolchinsky & Tracey's
+      bounds, log N - mean_i logsumexp_j(-||mu_i - mu_j||^2 / (c s^2)),
+      c = 8 (Bhattacharyya) and 2 (KL); mi_chernoff {alpha: bound} are the
+      other lower bounds; all lie in [0, log N];
+    mi_logdet = 0.5 log det(I + C_mu / s^2): the Gaussian channel, the
+      log-det estimator with beta = 1 / s^2 on the centres;
+    mi_gaussian = entropy_gaussian - conditional_entropy: the Gaussian
+      (maximum-entropy) upper estimate.
 
   Args:
-    z_a, z_b: [N, D] embeddings of two augmented views of N images. Z's
-      sample is both views, [2N, D]; H(Z | X') uses the pairs.
-    beta: the log-det estimator's beta (the run's own, when it has one).
-    alphas: Chernoff orders for the family of pairwise lower bounds.
+    z_a, z_b: [N, D] embeddings of two augmented views of N images.
+    beta: the run's log-det beta.
+    alphas: Chernoff orders in (0, 1).
   Returns:
-    entropy_<name> for ENTROPIES (nats; log-det as the differential entropy
-    it stands for, see estimators.logdet_as_differential_entropy, and also
-    raw as logdet_entropy), chernoff {alpha: value}, conditional_entropy,
-    invariance, mi_<name> = entropy_<name> - conditional_entropy,
-    effective_rank and spectrum (eigenvalues of the covariance, descending).
-    An I(Z; X') estimate is a lower bound when its entropy estimate is below
-    H(Z): the Gaussian entropy is an upper bound on H(Z), so mi_gaussian is
-    optimistic; the pairwise lower bound gives the conservative one.
+    The values above, plus effective_rank, spectrum (the covariance's
+    eigenvalues of Z, descending), invariance, within_image_variance,
+    log_num_images, pairwise_sigma2 (the median bandwidth).
   """
-  z = jnp.asarray(np.concatenate([z_a, z_b]), jnp.float32)
-  n, d = z.shape
+  z_a, z_b = np.asarray(z_a, np.float32), np.asarray(z_b, np.float32)
+  z = jnp.asarray(np.concatenate([z_a, z_b]))
+  n, d = z_a.shape
   spec = _spectrum_stats(z)
   eig = np.asarray(spec['spectrum'], np.float64)
-  # Gaussian entropy with a 1e-6 ridge (features can be rank-deficient) and the
-  # log-det estimate, both from the spectrum: no [D, D] matrix.
-  ridge = 1e-6
   eig_all = np.concatenate([eig, np.zeros(max(0, d - len(eig)))])
-  gaussian = 0.5 * d * math.log(2 * math.pi * math.e) + 0.5 * np.sum(np.log(eig_all + ridge))
+  gaussian = 0.5 * d * math.log(2 * math.pi * math.e) + 0.5 * np.sum(np.log(eig_all + 1e-6))
   logdet = 0.5 * np.sum(np.log1p(beta * eig))
-  pairwise = _pairwise_all(z, jnp.asarray(alphas, jnp.float32))
-  cond, cond_metrics = estimators.conditional_entropy_bound(jnp.asarray(z_a), jnp.asarray(z_b))
-  out = {
-      'num_samples': n, 'dim': d, 'beta': beta,
+  alphas_arr = jnp.asarray(alphas, jnp.float32)
+  median = _pairwise_terms(z, jnp.float32(0.0), alphas_arr)
+  h_median = 0.5 * d * math.log(2 * math.pi * math.e * float(median['sigma2'])) + math.log(2 * n)
+
+  invariance = float(np.mean(np.square(z_a.astype(np.float64) - z_b)))
+  s2 = max(invariance / 2, 1e-30)
+  h_cond = 0.5 * d * math.log(2 * math.pi * math.e * s2)
+  centres = jnp.asarray((z_a + z_b) / 2)
+  mix = _pairwise_terms(centres, jnp.float32(s2), alphas_arr)
+  centre_eig = np.asarray(_spectrum_stats(centres)['spectrum'], np.float64)
+  return {
+      'num_samples': 2 * n, 'dim': d, 'beta': beta,
       'entropy_gaussian': float(gaussian),
       'logdet_entropy': float(logdet),
       'entropy_logdet': float(estimators.logdet_as_differential_entropy(logdet, d, beta)),
-      'entropy_pairwise_upper': float(pairwise['pairwise_upper']),
-      'entropy_pairwise_lower': float(pairwise['pairwise_lower']),
-      'pairwise_sigma2': float(pairwise['sigma2']),
-      'chernoff': {str(a): float(v) for a, v in zip(alphas, np.asarray(pairwise['chernoff']))},
-      'conditional_entropy': float(cond), 'invariance': float(cond_metrics['invariance']),
+      'entropy_pairwise_upper': h_median - float(median['upper']),
+      'entropy_pairwise_lower': h_median - float(median['lower']),
+      'pairwise_sigma2': float(median['sigma2']),
+      'invariance': invariance, 'within_image_variance': s2,
+      'conditional_entropy': h_cond,
+      'conditional_entropy_paper': float(estimators.conditional_entropy_bound(
+          jnp.asarray(z_a), jnp.asarray(z_b))[0]),
+      'log_num_images': math.log(n),
+      'mi_pairwise_upper': math.log(n) - float(mix['upper']),
+      'mi_pairwise_lower': math.log(n) - float(mix['lower']),
+      'mi_chernoff': {str(a): math.log(n) - float(v)
+                      for a, v in zip(alphas, np.asarray(mix['chernoff']))},
+      'mi_logdet': float(0.5 * np.sum(np.log1p(centre_eig / s2))),
+      'mi_gaussian': float(gaussian) - h_cond,
       'effective_rank': float(spec['effective_rank']),
       'spectrum': eig.tolist(),
   }
-  for name in ENTROPIES:
-    out[f'mi_{name}'] = out[f'entropy_{name}'] - out['conditional_entropy']
-  return out
 
 
 # ----------------------------------------------------------------------------
@@ -648,8 +680,9 @@ def scalars_of(result: dict[str, Any]) -> dict[str, float]:
   """The headline numbers of one step's diagnostics, for TensorBoard."""
   out = {}
   for rep, info in result['information'].items():
-    for key in ('effective_rank', 'conditional_entropy', 'invariance', 'logdet_entropy',
-                *[f'entropy_{e}' for e in ENTROPIES], *[f'mi_{e}' for e in ENTROPIES]):
+    for key in ('effective_rank', 'conditional_entropy', 'conditional_entropy_paper',
+                'invariance', 'logdet_entropy', *[f'entropy_{e}' for e in ENTROPIES],
+                *[f'mi_{e}' for e in INFORMATION]):
       out[f'information/{rep}/{key}'] = info[key]
   loc = result['locality']
   for scale, share in zip(loc['scales'], loc['encoder']):
@@ -764,13 +797,16 @@ def plot_diagnostics(record: dict[str, Any], out_dir: str) -> list[str]:
     ax = axes[row, 0]
     for e in ENTROPIES:
       ax.plot(steps, [i[f'entropy_{e}'] for i in info], label=f'H {e}', **marker)
-    ax.plot(steps, [i['conditional_entropy'] for i in info], 'k--',
-            label='H(Z|X\') bound', **marker)
+    ax.plot(steps, [i['conditional_entropy'] for i in info], 'k--', label='H(Z|X)', **marker)
+    ax.plot(steps, [i['conditional_entropy_paper'] for i in info], 'k:',
+            label='H(Z|X\') bound (q at the other view)', **marker)
     ax.set_title(f'{rep}: entropy estimates (nats)', fontsize=9)
     ax = axes[row, 1]
-    for e in ENTROPIES:
+    for e in INFORMATION:
       ax.plot(steps, [i[f'mi_{e}'] for i in info], label=f'I via {e}', **marker)
-    ax.set_title(f'{rep}: I(Z;X\') = H(Z) - H(Z|X\') estimates', fontsize=9)
+    ax.plot(steps, [i['log_num_images'] for i in info], 'k--', label='log N (pairwise ceiling)')
+    ax.set_yscale('symlog')
+    ax.set_title(f'{rep}: I(Z;X) under Z|X ~ N(mu, s^2 I)', fontsize=9)
     ax = axes[row, 2]
     ax.plot(steps, [i['effective_rank'] for i in info], color='C3', **marker)
     ax.set_title(f'{rep}: effective rank (of {info[0]["dim"]})', fontsize=9)
@@ -882,7 +918,9 @@ def summary_text(record: dict[str, Any]) -> str:
           f'  {rep:8s} eff. rank {i["effective_rank"]:.1f}/{i["dim"]}; H: gaussian '
           f'{i["entropy_gaussian"]:.1f}, logdet {i["entropy_logdet"]:.1f}, pairwise '
           f'[{i["entropy_pairwise_lower"]:.1f}, {i["entropy_pairwise_upper"]:.1f}]; '
-          f'H(Z|X\') <= {i["conditional_entropy"]:.1f}; I >= {i["mi_pairwise_lower"]:.1f}; '
+          f'H(Z|X) {i["conditional_entropy"]:.1f}; I in [{i["mi_pairwise_lower"]:.2f}, '
+          f'{i["mi_pairwise_upper"]:.2f}] (log N {i["log_num_images"]:.2f}), logdet '
+          f'{i["mi_logdet"]:.1f}; '
           f'Gaussian views: HZ pass {g["henze_zirkler_pass_rate"]:.2f} '
           f'(nominal {g["nominal_pass_rate"]:.2f}), SW {g["shapiro_wilk_pass_rate"]:.2f}')
     shares = ', '.join(f'{s:g}: {v:.2f}' for s, v in zip(loc['scales'], loc['encoder']))

@@ -1,5 +1,9 @@
 """Evaluation of frozen features: extraction, linear probe and kNN.
 
+`final_evaluation` is what the training loop calls at the end of a run, and
+`make_online_test_eval` the online probe's check during it; the rest are
+their parts:
+
 - `extract_features`: the encoder's pooled features of a whole split, with
   BatchNorm in inference mode, gathered from every process.
 - `linear_probe`: multinomial logistic regression on standardised frozen
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -23,6 +28,7 @@ from jax.experimental import multihost_utils
 from ssl_jax import augment
 from ssl_jax import estimators
 from ssl_jax import input_pipeline
+from ssl_jax import models
 from ssl_jax import train_step as train_step_lib
 
 
@@ -183,3 +189,82 @@ def embedding_statistics(features: np.ndarray, max_examples: int = 2048) -> dict
 
 def num_batches(num_examples: Optional[int], batch_size: int) -> Optional[int]:
   return None if not num_examples else math.ceil(num_examples / batch_size)
+
+
+# ----------------------------------------------------------------------------
+# Orchestration: what train.py calls.
+# ----------------------------------------------------------------------------
+
+def eval_split(config, split: str, mesh):
+  """This process's un-augmented, padded batches of `split` at config.eval.batch_size."""
+  return input_pipeline.eval_dataset(
+      config.data.name, split,
+      local_batch=input_pipeline.local_batch_size(config.eval.batch_size, mesh),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      data_dir=config.data.data_dir)
+
+
+def probe_accuracy(probe_params, features, labels) -> float:
+  """Accuracy of the online linear probe on (features [M, F], labels [M])."""
+  _, acc = train_step_lib.probe_loss(jax.device_get(probe_params), jnp.asarray(features),
+                                     jnp.asarray(labels))
+  return float(acc)
+
+
+def make_online_test_eval(config, run, mesh, feature_fn):
+  """state -> the online probe's accuracy on (part of) the test split, now.
+
+  Features of clean test images with BatchNorm in inference mode, as at the
+  end of the run; config.eval.online_max_examples bounds the cost (0: all).
+  """
+  max_batches = num_batches(config.eval.online_max_examples, config.eval.batch_size)
+
+  def accuracy(state) -> float:
+    features, labels = extract_features(
+        feature_fn, state.params, state.batch_stats,
+        eval_split(config, run.spec.test_split, mesh), mesh, max_batches)
+    return probe_accuracy(state.probe_params, features, labels)
+
+  return accuracy
+
+
+def final_evaluation(config, run, state, mesh, feature_fn) -> dict[str, Any]:
+  """Online probe, linear probe and kNN on the test split, and the baselines.
+
+  run is the train.Run the state was trained with (dataset spec, model config).
+  """
+  t0 = time.time()
+  ev, spec = config.eval, run.spec
+  max_train = num_batches(ev.max_train_examples, ev.batch_size)
+  max_test = num_batches(ev.max_test_examples, ev.batch_size)
+
+  def features_of(params, batch_stats):
+    train = extract_features(feature_fn, params, batch_stats,
+                             eval_split(config, spec.train_split, mesh), mesh, max_train)
+    test = extract_features(feature_fn, params, batch_stats,
+                            eval_split(config, spec.test_split, mesh), mesh, max_test)
+    return train, test
+
+  print('ssl_jax: evaluating frozen features (linear probe, kNN)...', flush=True)
+  train, test = features_of(state.params, state.batch_stats)
+  out = {'eval': evaluate_features(train, test, num_classes=spec.num_classes, config=ev)}
+  out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
+  out['eval'].update(embedding_statistics(test[0]))
+  if ev.baselines:
+    # Same architecture at initialisation, and raw pixels: what SSL must beat.
+    # (The model is rebuilt from the seed: run.state's buffers were donated to
+    # the first training step.)
+    random_model = models.create_model(config.model, spec.channels,
+                                       with_predictor=run.with_predictor, seed=config.seed)
+    _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
+    r_train, r_test = features_of(r_params, r_stats)
+    out['baseline_random_init'] = evaluate_features(
+        r_train, r_test, num_classes=spec.num_classes, config=ev)
+    p_train = raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
+                         spec.mean, spec.std)
+    p_test = raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
+                        spec.mean, spec.std)
+    out['baseline_raw_pixels'] = evaluate_features(
+        p_train, p_test, num_classes=spec.num_classes, config=ev)
+  out['eval_time_sec'] = time.time() - t0
+  return out

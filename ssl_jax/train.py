@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 
 from ssl_jax import augment
 from ssl_jax import checkpointing
@@ -243,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
-    online_test = make_online_test_eval(config, run, mesh, feature_fn)
+    online_test = evaluate.make_online_test_eval(config, run, mesh, feature_fn)
     monitor = diagnostics.make_training_monitor(config, run, mesh)
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
@@ -313,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     print(f'ssl_jax: {status}; checkpoint at step {final_step} in {manager.directory}. '
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
-    summary.update(final_evaluation(config, run, state, mesh, feature_fn))
+    summary.update(evaluate.final_evaluation(config, run, state, mesh, feature_fn))
   summary['wall_time_sec'] = time.time() - start_time
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
@@ -324,79 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _print_summary(summary)
   manager.close()
   return summary
-
-
-def eval_split(config, split: str, mesh):
-  """This process's un-augmented, padded batches of `split` at config.eval.batch_size."""
-  return input_pipeline.eval_dataset(
-      config.data.name, split,
-      local_batch=input_pipeline.local_batch_size(config.eval.batch_size, mesh),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      data_dir=config.data.data_dir)
-
-
-def probe_accuracy(probe_params, features, labels) -> float:
-  """Accuracy of the online linear probe on (features [M, F], labels [M])."""
-  _, acc = train_step_lib.probe_loss(jax.device_get(probe_params), jnp.asarray(features),
-                                     jnp.asarray(labels))
-  return float(acc)
-
-
-def make_online_test_eval(config, run: Run, mesh, feature_fn):
-  """state -> the online probe's accuracy on (part of) the test split, now.
-
-  Features of clean test images with BatchNorm in inference mode, as at the
-  end of the run; config.eval.online_max_examples bounds the cost (0: all).
-  """
-  max_batches = evaluate.num_batches(config.eval.online_max_examples, config.eval.batch_size)
-
-  def accuracy(state) -> float:
-    features, labels = evaluate.extract_features(
-        feature_fn, state.params, state.batch_stats,
-        eval_split(config, run.spec.test_split, mesh), mesh, max_batches)
-    return probe_accuracy(state.probe_params, features, labels)
-
-  return accuracy
-
-
-def final_evaluation(config, run: Run, state, mesh, feature_fn) -> dict[str, Any]:
-  """Online probe, linear probe and kNN on the test split, and the baselines."""
-  t0 = time.time()
-  ev, spec = config.eval, run.spec
-  max_train = evaluate.num_batches(ev.max_train_examples, ev.batch_size)
-  max_test = evaluate.num_batches(ev.max_test_examples, ev.batch_size)
-
-  def features_of(params, batch_stats):
-    train = evaluate.extract_features(feature_fn, params, batch_stats,
-                                      eval_split(config, spec.train_split, mesh), mesh, max_train)
-    test = evaluate.extract_features(feature_fn, params, batch_stats,
-                                     eval_split(config, spec.test_split, mesh), mesh, max_test)
-    return train, test
-
-  print('ssl_jax: evaluating frozen features (linear probe, kNN)...', flush=True)
-  train, test = features_of(state.params, state.batch_stats)
-  out = {'eval': evaluate.evaluate_features(train, test, num_classes=spec.num_classes,
-                                            config=ev)}
-  out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
-  out['eval'].update(evaluate.embedding_statistics(test[0]))
-  if ev.baselines:
-    # Same architecture at initialisation, and raw pixels: what SSL must beat.
-    # (The model is rebuilt from the seed: run.state's buffers were donated to
-    # the first training step.)
-    random_model = models.create_model(config.model, spec.channels,
-                                       with_predictor=run.with_predictor, seed=config.seed)
-    _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
-    r_train, r_test = features_of(r_params, r_stats)
-    out['baseline_random_init'] = evaluate.evaluate_features(
-        r_train, r_test, num_classes=spec.num_classes, config=ev)
-    p_train = evaluate.raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
-                                  spec.mean, spec.std)
-    p_test = evaluate.raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
-                                 spec.mean, spec.std)
-    out['baseline_raw_pixels'] = evaluate.evaluate_features(
-        p_train, p_test, num_classes=spec.num_classes, config=ev)
-  out['eval_time_sec'] = time.time() - t0
-  return out
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

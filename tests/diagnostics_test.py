@@ -71,9 +71,10 @@ def test_information_quantities_agree_with_the_estimators():
   rng = np.random.default_rng(0)
   z_a = rng.standard_normal((100, 20)).astype(np.float32) * np.linspace(0.1, 2, 20)
   z_b = z_a + 0.1 * rng.standard_normal((100, 20)).astype(np.float32)
-  info = diagnostics.information_quantities(z_a, z_b, beta=0.5, alphas=(0.5,))
-  z = jnp.asarray(np.concatenate([z_a, z_b]))
-  cov = np.cov(np.concatenate([z_a, z_b]), rowvar=False, bias=True)
+  info = diagnostics.information_quantities(z_a, z_b, beta=0.5, alphas=(0.25, 0.5))
+  both = np.concatenate([z_a, z_b])
+  z = jnp.asarray(both)
+  cov = np.cov(both, rowvar=False, bias=True)
   np.testing.assert_allclose(info['spectrum'], np.linalg.eigvalsh(cov)[::-1], rtol=1e-4)
   np.testing.assert_allclose(info['logdet_entropy'],
                              estimators.logdet_entropy(z, beta=0.5)[0], rtol=1e-5)
@@ -81,14 +82,34 @@ def test_information_quantities_agree_with_the_estimators():
       z, normalizer='n', eps=1e-6)[0], rtol=1e-5)
   np.testing.assert_allclose(info['entropy_pairwise_lower'], estimators.pairwise_entropy(
       z, sigma_mode='median', bound='lower')[0], rtol=1e-5)
-  np.testing.assert_allclose(info['chernoff']['0.5'], info['entropy_pairwise_lower'], rtol=1e-6)
+  np.testing.assert_allclose(info['entropy_pairwise_upper'], estimators.pairwise_entropy(
+      z, sigma_mode='median', bound='upper')[0], rtol=1e-5)
   # log-det as a differential entropy: the Gaussian entropy of C + I / beta.
   smoothed = 0.5 * 20 * math.log(2 * math.pi * math.e) + 0.5 * np.linalg.slogdet(
       cov + np.eye(20) / 0.5)[1]
   np.testing.assert_allclose(info['entropy_logdet'], smoothed, rtol=1e-5)
-  for name in diagnostics.ENTROPIES:
-    assert info[f'mi_{name}'] == pytest.approx(info[f'entropy_{name}']
-                                               - info['conditional_entropy'])
+  # The conditional model: s^2 = invariance / 2; the paper's q at the other view.
+  s2 = np.mean((z_a.astype(np.float64) - z_b) ** 2) / 2
+  assert info['within_image_variance'] == pytest.approx(s2, rel=1e-6)
+  assert info['conditional_entropy'] == pytest.approx(10 * math.log(2 * math.pi * math.e * s2))
+  assert info['conditional_entropy_paper'] == pytest.approx(
+      info['conditional_entropy'] + 10 * math.log(2), rel=1e-5)
+  # I(Z; X) of the mixture of N(mu_n, s^2 I): pairwise bounds within [0, log N],
+  # the Bhattacharyya one equal to the pairwise estimator's lower bound on the
+  # centres minus the component entropy; Chernoff(1/2) is Bhattacharyya.
+  centres = jnp.asarray((z_a + z_b) / 2)
+  sigma = math.sqrt(s2)
+  mixture_lower = float(estimators.pairwise_entropy(centres, sigma=sigma, bound='lower')[0])
+  assert info['mi_pairwise_lower'] == pytest.approx(
+      mixture_lower - info['conditional_entropy'], abs=1e-3)
+  assert 0 <= info['mi_pairwise_lower'] <= info['mi_pairwise_upper'] <= math.log(100) + 1e-6
+  assert info['mi_chernoff']['0.5'] == pytest.approx(info['mi_pairwise_lower'], rel=1e-6)
+  assert info['mi_chernoff']['0.25'] <= info['mi_pairwise_lower'] + 1e-6
+  centre_cov = np.cov((z_a + z_b) / 2, rowvar=False, bias=True)
+  assert info['mi_logdet'] == pytest.approx(
+      0.5 * np.linalg.slogdet(np.eye(20) + centre_cov / s2)[1], rel=1e-4)
+  assert info['mi_gaussian'] == pytest.approx(info['entropy_gaussian']
+                                              - info['conditional_entropy'])
 
 
 @pytest.mark.parametrize('k', [1, 3, 10])

@@ -99,7 +99,7 @@ def test_summary_has_baselines_and_embed_writes_features(tmp_path, monkeypatch):
   assert set(summary) >= {'eval', 'baseline_random_init', 'baseline_raw_pixels'}
   # The same command again prints the finished run's summary, evaluating nothing.
   with monkeypatch.context() as m:
-    m.setattr(train, 'final_evaluation', lambda *a, **k: pytest.fail('evaluated again'))
+    m.setattr(train.evaluate, 'final_evaluation', lambda *a, **k: pytest.fail('evaluated again'))
     again = train.train_and_evaluate(smoke_config('vicreg', **{'eval.baselines': True}),
                                      str(tmp_path))
   assert again['eval'] == summary['eval']
