@@ -312,3 +312,22 @@ def test_diagnose_a_smoke_workdir(tmp_path):
   again = diagnostics.diagnose_workdir(str(tmp_path), checkpoints='last', settings=settings,
                                        progress=False)
   assert sorted(again['steps'], key=int) == ['0', '2', '4']
+
+
+def test_embeddings_and_patterns_on_eight_devices_equal_one_device():
+  from ssl_jax import sharding
+  config = importlib.import_module('configs.vicreg').get_config('smoke')
+  images = np.random.default_rng(0).integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)
+  out, patterns = {}, {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh(devices)
+    run = train.build(config, mesh)
+    net = diagnostics.Network(run, mesh, batch_size=16)
+    out[devices] = net.embed(run.state.params, run.state.batch_stats, images, view='a',
+                             key=jax.random.key(0))
+    clean = net.clean(net.put(images[:16]))
+    patterns[devices] = [np.asarray(p) for p in
+                         net.patterns_fn(run.state.params, run.state.batch_stats)(clean)]
+  for rep in ('features', 'z'):
+    np.testing.assert_allclose(out[8][rep], out[1][rep], rtol=1e-5, atol=1e-6)
+  assert all(np.array_equal(a, b) for a, b in zip(patterns[8], patterns[1]))
