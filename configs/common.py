@@ -89,6 +89,9 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   # keep_checkpoints, for `python -m ssl_jax.diagnose` over training (0: off).
   c.keep_checkpoint_period = 100
   c.async_checkpoints = True
+  # An unreadable newest checkpoint is moved to checkpoints/corrupt/ and the run
+  # resumes from the one before; True refuses to start instead.
+  c.checkpoint_strict = False
   c.stop_at_step = 0   # > 0: stop there with a checkpoint, as if pre-empted
   # online_every_steps: the online probe's test accuracy is measured at logged
   # steps that are multiples of it (and at the end); 0 turns it off.

@@ -5,7 +5,8 @@ step, rng) and a JSON 'meta' item with the step, the seed and a fingerprint of
 the config's shape-defining parts. Restoring from a checkpoint whose
 fingerprint differs raises a ValueError naming the differing keys, never a
 silent partial restore. Orbax writes to a temporary folder and renames it
-when complete, so `latest_step()` only ever sees complete checkpoints.
+when complete, so `latest_step()` only ever sees complete checkpoints; one
+that is complete but unreadable is moved aside to checkpoints/corrupt/.
 """
 
 from __future__ import annotations
@@ -60,39 +61,85 @@ def save(manager: ocp.CheckpointManager, state, config, *, force: bool = False) 
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, config
-                   ) -> Optional[Any]:
-  """The newest complete checkpoint restored onto abstract_state's shardings, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return restore_step(manager, step, abstract_state, config)
+class CorruptCheckpointError(ValueError):
+  """A checkpoint folder that cannot be read back (truncated, overwritten, missing files)."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint written by a config with other shapes or structure."""
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoints/<step> to checkpoints/corrupt/<step> (never deletes); returns the path.
+
+  Process 0 moves it; every process waits for the move before going on.
+  """
+  source = os.path.join(str(manager.directory), str(step))
+  corrupt = os.path.join(str(manager.directory), 'corrupt')
+  target = os.path.join(corrupt, str(step))
+  suffix = 1
+  while os.path.exists(target):   # an earlier corrupt copy of the same step stays too
+    target = os.path.join(corrupt, f'{step}.{suffix}')
+    suffix += 1
+  if jax.process_index() == 0:
+    os.makedirs(corrupt, exist_ok=True)
+    os.rename(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'ssl_jax_move_aside_{step}')
+  manager.reload()
+  return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, config, *,
+                   strict: bool = False, log=print) -> Optional[Any]:
+  """The newest readable checkpoint restored onto abstract_state's shardings, or None.
+
+  A newest checkpoint that cannot be read is moved to checkpoints/corrupt/<step>
+  (nothing is deleted), reported through `log`, and the one before it is
+  tried, so that unattended restarts go on. With strict, it raises
+  CorruptCheckpointError instead and leaves the folder in place. A checkpoint
+  of an incompatible config always raises IncompatibleCheckpointError.
+  """
+  while (step := manager.latest_step()) is not None:
+    try:
+      return restore_step(manager, step, abstract_state, config)
+    except CorruptCheckpointError as error:
+      if strict:
+        raise
+      moved = move_aside(manager, step)
+      log(f'ssl_jax: WARNING: {error} It was moved to {moved}; trying the checkpoint before it '
+          '(checkpoint_strict=True refuses instead).')
+  return None
 
 
 def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, config) -> Any:
-  """The checkpoint at `step`, after checking it was written by a compatible config."""
+  """The checkpoint at `step`, after checking it was written by a compatible config.
+
+  Raises CorruptCheckpointError if it cannot be read, IncompatibleCheckpointError
+  if its config fingerprint differs from config's.
+  """
   where = os.path.join(str(manager.directory), str(step))
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as error:  # pylint: disable=broad-except
-    raise ValueError(
-        f'The checkpoint in {where} could not be read ({type(error).__name__}: {error}). '
-        'It may be corrupt: move that folder aside (nothing is deleted automatically) to '
-        'resume from the previous checkpoint, or use a new --workdir.') from error
+    raise CorruptCheckpointError(
+        f'The checkpoint in {where} could not be read ({type(error).__name__}: '
+        f'{str(error)[:300]}).') from error
   expected = fingerprint(config)
   found = meta.get('fingerprint', {})
   differing = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
   if differing:
     details = '; '.join(f'{k}: checkpoint {found.get(k)!r} vs config {expected.get(k)!r}'
                         for k in differing)
-    raise ValueError(
+    raise IncompatibleCheckpointError(
         f'The checkpoint in {where} was written by an incompatible config ({details}). '
         'Use a new --workdir for this config, or restore the original values.')
   try:
     return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))['state']
   except Exception as error:  # pylint: disable=broad-except
-    raise ValueError(
-        f'The checkpoint in {where} does not match the state of this config '
-        f'({type(error).__name__}: {error}). Use a new --workdir, or move the folder aside '
-        'if it is corrupt.') from error
+    # The fingerprint matched, so the structure is this config's: the data is bad.
+    raise CorruptCheckpointError(
+        f'The checkpoint in {where} could not be restored although its config matches '
+        f'({type(error).__name__}: {str(error)[:300]}).') from error

@@ -33,7 +33,8 @@ def embed(workdir: str, split: str, out: str, batch_size: int = 1000) -> dict:
   mesh = sharding.make_mesh()
   run = train.build(config, mesh)  # the same state structure as training
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  state = checkpointing.restore_latest(manager, run.abstract_state(mesh), config)
+  # strict: a reading tool never moves checkpoints aside.
+  state = checkpointing.restore_latest(manager, run.abstract_state(mesh), config, strict=True)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints to embed with.')
   spec, graphdef, image_size = run.spec, run.graphdef, run.image_size

@@ -213,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints,
                                        keep_period=config.keep_checkpoint_period)
-  restored = checkpointing.restore_latest(manager, run.abstract_state(mesh), config)
+  restored = checkpointing.restore_latest(manager, run.abstract_state(mesh), config,
+                                          strict=config.checkpoint_strict)
   if restored is not None:
     state = restored
   start_step = int(jax.device_get(state.step))

@@ -256,17 +256,41 @@ def test_incompatible_checkpoint_is_rejected(tmp_path):
                              str(tmp_path))
 
 
-def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path):
-  # An unfinished run (stopped at step 2 of 4) must restore its checkpoint to go on.
-  kw = {'total_steps': 4, 'stop_at_step': 2, 'eval.enabled': False}
-  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
-  step_dir = tmp_path / 'checkpoints' / '2'
+def corrupt(step_dir):
+  """Overwrites a checkpoint's array data, leaving its JSON metadata readable."""
   for path in step_dir.rglob('*'):
     if path.is_file() and path.suffix != '.json' and 'meta' not in str(path):
       path.write_bytes(b'garbage')
-  with pytest.raises(ValueError, match='move the folder aside|could not be read'):
-    train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
-  assert step_dir.exists()
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(tmp_path, capsys):
+  # Stopped at step 4 of 6 with checkpoints at 2 and 4; step 4 then goes bad.
+  kw = {'total_steps': 6, 'stop_at_step': 4, 'eval.enabled': False}
+  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  _, reference = params_of(str(tmp_path), None, step=2)
+  corrupt(tmp_path / 'checkpoints' / '4')
+  config = smoke_config('vicreg', **{**kw, 'stop_at_step': 0})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['status'] == 'completed' and summary['steps'] == 6
+  out = capsys.readouterr().out
+  assert 'could not be restored' in out and 'moved to' in out and 'resuming at step 2' in out
+  # Nothing deleted: the bad step sits under checkpoints/corrupt/, and the run
+  # resumed from step 2 (whose parameters are untouched) to the end.
+  assert (tmp_path / 'checkpoints' / 'corrupt' / '4').is_dir()
+  assert checkpointing.make_manager(str(tmp_path), max_to_keep=3).all_steps() == [2, 4, 6]
+  _, again = params_of(str(tmp_path), None, step=2)
+  assert all(np.array_equal(a, b) for a, b in zip(reference, again))
+
+
+def test_strict_checkpoints_refuse_a_corrupt_one_and_keep_it(tmp_path):
+  kw = {'total_steps': 4, 'stop_at_step': 2, 'eval.enabled': False}
+  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
+  step_dir = tmp_path / 'checkpoints' / '2'
+  corrupt(step_dir)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match='could not be restored'):
+    train.train_and_evaluate(smoke_config('vicreg', **kw, checkpoint_strict=True),
+                             str(tmp_path))
+  assert step_dir.exists() and not (tmp_path / 'checkpoints' / 'corrupt').exists()
 
 
 @pytest.mark.parametrize('override,message', [
