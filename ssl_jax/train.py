@@ -224,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f'ssl_jax: {config.method} on {config.data.name}, {jax.device_count()} device(s), '
+    print(f'ssl_jax: {config.method} on {config.data.name}, {mesh.size} device(s), '
           f'global batch {global_batch}, {total_steps} steps, {n_params:,} parameters, '
           f'{"resuming at step " + str(start_step) if start_step else "from scratch"}; '
           f'workdir {os.path.abspath(workdir)}', flush=True)
@@ -306,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   summary: dict[str, Any] = {
       'method': config.method, 'dataset': config.data.name, 'status': status,
       'steps': final_step, 'total_steps': total_steps, 'wall_time_sec': None,
-      'train_time_sec': train_seconds, 'devices': jax.device_count(),
+      'train_time_sec': train_seconds, 'devices': mesh.size,
       'config': json.loads(config.to_json_best_effort()),
   }
   if status != 'completed':

@@ -138,6 +138,36 @@ def test_resume_follows_the_same_trajectory(tmp_path):
       assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=1e-4), (step, key)
 
 
+def test_elastic_resume_on_another_device_count_follows_the_same_trajectory(
+    tmp_path, monkeypatch):
+  """1 -> 4 and 4 -> 2 devices (fake CPU devices) continue the 1-device run.
+
+  The state is replicated and the data order a function of the seed and step
+  over the global batch, so only the order of float32 reductions differs
+  between device counts (BatchNorm and loss statistics, the gradient sum):
+  the tolerance is float32 rounding grown over a few steps.
+  """
+  kw = {'total_steps': 6, 'ckpt_every_steps': 2, 'eval.enabled': False}
+
+  make_mesh = sharding.make_mesh
+
+  def run(workdir, devices, **extra):
+    monkeypatch.setattr(train.sharding, 'make_mesh', lambda: make_mesh(devices))
+    return train.train_and_evaluate(smoke_config('vicreg', **kw, **extra), str(workdir))
+
+  run(tmp_path / 'straight', 1)
+  run(tmp_path / 'grow', 1, stop_at_step=4)
+  assert run(tmp_path / 'grow', 4)['devices'] == 4
+  run(tmp_path / 'shrink', 4, stop_at_step=4)
+  assert run(tmp_path / 'shrink', 2)['devices'] == 2
+  _, straight = params_of(str(tmp_path / 'straight'), None)
+  for name in ('grow', 'shrink'):
+    step, params = params_of(str(tmp_path / name), None)
+    assert step == 6
+    for a, b in zip(straight, params):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg.py:smoke',
