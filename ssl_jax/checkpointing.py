@@ -54,11 +54,61 @@ def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
                                            keep_period=keep_period or None))
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written: full disk, unwritable or vanished folder."""
+
+
+def check_writable(workdir: str) -> None:
+  """Creates workdir if needed and checks a file can be written there, before any
+  training: an unwritable --workdir fails at once, not at the first save."""
+  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as error:
+    raise CheckpointWriteError(
+        f'--workdir {workdir} cannot be written ({type(error).__name__}: {error}). Choose a '
+        'folder this user can write to, or fix its permissions.') from error
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception, what: str
+                 ) -> CheckpointWriteError:
+  try:
+    kept = [s for s in manager.all_steps() if os.path.isdir(
+        os.path.join(str(manager.directory), str(s)))]
+  except Exception:  # pylint: disable=broad-except
+    kept = []
+  message = str(error).splitlines()[0][:400] if str(error) else type(error).__name__
+  full = 'No space left' in str(error) or "os_error_code='28'" in str(error)
+  cause = 'the disk is full' if full else 'the folder could not be written'
+  resume = (f'run the same command again to resume from step {max(kept)}' if kept
+            else 'run the same command again to start over')
+  return CheckpointWriteError(
+      f'{what} in {manager.directory} failed: {cause} ({type(error).__name__}: {message}). '
+      f'The complete checkpoints already there (steps {kept}) are intact, and an unfinished '
+      f'one is ignored on restart. Free space or fix the folder, then {resume}.')
+
+
 def save(manager: ocp.CheckpointManager, state, config, *, force: bool = False) -> bool:
+  """Starts saving `state` (asynchronously if the manager is); a failed write,
+  of this save or of the previous asynchronous one, raises CheckpointWriteError."""
   step = int(jax.device_get(state.step))
   meta = {'step': step, 'seed': int(config.seed), 'fingerprint': fingerprint(config)}
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+  try:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+  except (OSError, ValueError) as error:
+    raise _write_error(manager, error, f'Saving the checkpoint of step {step}') from error
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for asynchronous saves; a failed one raises CheckpointWriteError."""
+  try:
+    manager.wait_until_finished()
+  except (OSError, ValueError) as error:
+    raise _write_error(manager, error, 'An asynchronous checkpoint save') from error
 
 
 class CorruptCheckpointError(ValueError):

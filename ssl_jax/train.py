@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_config(config)
   input_pipeline.hide_accelerators_from_tensorflow()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_writable(workdir)
   if not reevaluate and (done := finished_summary(workdir, config)) is not None:
     if is_main:
       print(f'ssl_jax: {workdir} holds a finished run of this config; its summary follows. '
@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bad = _first_non_finite(pending)
       pending.clear()
       if bad is not None:
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
         good = manager.latest_step()
         where = (f'the last good checkpoint is step {good} in {manager.directory}'
                  if good is not None else 'no checkpoint was saved before it')
@@ -299,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if last_saved != step:
       checkpointing.save(manager, state, config, force=True)
     writer.flush()
-  manager.wait_until_finished()
+  checkpointing.wait(manager)
   final_step = int(jax.device_get(state.step))
   train_seconds = time.time() - start_time
 

@@ -323,6 +323,37 @@ def test_strict_checkpoints_refuse_a_corrupt_one_and_keep_it(tmp_path):
   assert step_dir.exists() and not (tmp_path / 'checkpoints' / 'corrupt').exists()
 
 
+def test_unwritable_workdir_fails_before_training(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  with pytest.raises(checkpointing.CheckpointWriteError, match='cannot be written'):
+    train.train_and_evaluate(smoke_config('vicreg'), str(blocker / 'workdir'))
+
+
+def test_disk_filling_during_a_save_gives_a_clear_error_and_keeps_earlier_checkpoints(
+    tmp_path):
+  mount = tmp_path / 'small_disk'
+  mount.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)],
+                        capture_output=True)
+  if done.returncode != 0:
+    pytest.skip(f'cannot mount a small tmpfs here: {done.stderr.decode().strip()}')
+  try:
+    workdir = mount / 'run'
+    config = smoke_config('vicreg', total_steps=40, keep_checkpoints=100,
+                          **{'eval.enabled': False})
+    with pytest.raises(checkpointing.CheckpointWriteError,
+                       match='disk is full.*are intact.*resume from step'):
+      train.train_and_evaluate(config, str(workdir))
+    steps = checkpointing.make_manager(str(workdir), max_to_keep=100).all_steps()
+    assert steps and steps == list(range(2, 2 * len(steps) + 1, 2))
+    # Every complete checkpoint left behind restores.
+    for step in steps:
+      assert params_of(str(workdir), None, step=step)[0] == step
+  finally:
+    subprocess.run(['umount', str(mount)], check=False)
+
+
 @pytest.mark.parametrize('override,message', [
     ('--config.data.nme=3', 'nme'),
     ('--config.data.batch_size=12', 'multiple of the device count'),
