@@ -16,42 +16,75 @@ import numpy as np
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard event files and to metrics.jsonl."""
+  """Writes scalars to TensorBoard event files and to metrics.jsonl.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  metrics.jsonl is the record; the TensorBoard events are derived from it.
+  A run resumed from the checkpoint of step k (resume_step=k) keeps the rows
+  up to k, drops the later ones (they are redone), and rebuilds the events
+  from the kept rows, so that after any number of kills and resumes neither
+  holds a duplicated or missing step. A last line cut short by a kill is
+  ignored.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
     self.history: list[dict[str, float]] = []
     self._jsonl = os.path.join(workdir, 'metrics.jsonl')
+    self._tb_dir = os.path.join(workdir, 'tensorboard')
     self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      import tensorflow as tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-      if os.path.exists(self._jsonl):  # a resumed run keeps its earlier curves
-        with open(self._jsonl) as f:
-          self.history = [json.loads(line) for line in f if line.strip()]
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.history = read_jsonl(self._jsonl)
+    if resume_step is not None:
+      self.history = [r for r in self.history if r['step'] <= resume_step]
+      self._rewrite()
+      self._rebuild_events()
+    import tensorflow as tf
+    self._tb = tf.summary.create_file_writer(self._tb_dir)
+
+  def _rewrite(self) -> None:
+    tmp = self._jsonl + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in self.history)
+    os.replace(tmp, self._jsonl)   # a kill leaves the old file or the new one, whole
+
+  def _rebuild_events(self) -> None:
+    import tensorflow as tf
+    if os.path.isdir(self._tb_dir):
+      for name in os.listdir(self._tb_dir):
+        if name.startswith('events.out.tfevents'):
+          os.remove(os.path.join(self._tb_dir, name))
+    if self.history:
+      writer = tf.summary.create_file_writer(self._tb_dir)
+      for row in self.history:
+        self._write_events(writer, row)
+      writer.close()
+
+  @staticmethod
+  def _write_events(writer, row) -> None:
+    import tensorflow as tf
+    with writer.as_default(step=int(row['step'])):
+      for k, v in row.items():
+        if k != 'step' and math.isfinite(v):
+          tf.summary.scalar(k, v)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    import tensorflow as tf
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in scalars.items()})
-    with self._tb.as_default(step=int(step)):
-      for k, v in row.items():
-        if k != 'step' and math.isfinite(v):
-          tf.summary.scalar(k, v)
-    # A run resumed from a checkpoint redoes the steps after it: their old rows
-    # go, and the file is rewritten once; otherwise rows are appended.
+    # Rows at or after this step (a rerun of earlier steps) are replaced, and
+    # the file rewritten once; otherwise the row is appended.
     kept = [r for r in self.history if r['step'] < row['step']]
-    rewrite = len(kept) != len(self.history) or not self.history
+    rewrite = len(kept) != len(self.history)
     self.history = kept + [row]
     if rewrite:
-      with open(self._jsonl, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in self.history)
+      self._rewrite()
     else:
       with open(self._jsonl, 'a') as f:
         f.write(json.dumps(row) + '\n')
+    self._write_events(self._tb, row)
 
   def write_text(self, name: str, text: str) -> None:
     if not self.enabled:
@@ -79,6 +112,24 @@ class Throughput:
     rate = self._images / max(now - self._time, 1e-9)
     self._time, self._images = now, 0
     return rate
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The rows of a JSON-lines file; a last line cut short (a killed writer) is skipped."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    lines = f.read().split('\n')
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 2:   # not the last line: the file is damaged, say so
+        raise ValueError(f'{path}, line {i + 1}, is not JSON: {line[:80]!r}') from None
+  return rows
 
 
 def completed_summary(workdir: str) -> Optional[dict[str, Any]]:

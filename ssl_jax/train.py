@@ -219,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
   start_step = int(jax.device_get(state.step))
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                   resume_step=start_step if restored is not None else None)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -52,3 +52,38 @@ def test_library_info_logs_are_quiet_unless_asked_for():
   finally:
     flags.FLAGS['verbosity'].present = 0
     logging.set_verbosity(before)
+
+
+def event_steps(tb_dir, tag='loss'):
+  """Every step at which the event files in tb_dir hold `tag`, in file order."""
+  import tensorflow as tf
+  steps = []
+  for name in sorted(os.listdir(tb_dir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(tb_dir, name)):
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
+
+
+def test_resume_step_truncates_the_record_and_rebuilds_the_events(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    writer.write_scalars(step, {'loss': float(step)})
+  writer.flush()
+  # Killed after step 5 with half a row written; the newest checkpoint is step 2.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 6, "lo')
+  resumed = metrics.MetricWriter(str(tmp_path), resume_step=2)
+  assert [r['step'] for r in rows(tmp_path / 'metrics.jsonl')] == [1, 2]
+  for step in range(3, 5):
+    resumed.write_scalars(step, {'loss': 10.0 * step})
+  resumed.flush()
+  assert [(r['step'], r['loss']) for r in rows(tmp_path / 'metrics.jsonl')] == [
+      (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+  assert sorted(event_steps(tmp_path / 'tensorboard')) == [1, 2, 3, 4]
+
+
+def test_a_damaged_line_in_the_middle_is_an_error(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+  import pytest
+  with pytest.raises(ValueError, match='line 2'):
+    metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
