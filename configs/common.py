@@ -67,7 +67,11 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   # pretraining and probe training; eval_on='validation' evaluates on them
   # instead of the test split (hyper-parameter search; configs/experiments/).
   c.data = dict(name='fashion_mnist', batch_size=256, data_dir=None, shuffle_buffer=60_000,
-                prefetch=2, image_size=None, holdout=0, eval_on='test')
+                prefetch=2, image_size=None, holdout=0, eval_on='test',
+                # input_shards: independently shuffled parts of the split, a
+                # multiple of the process count (0: one per process). The global
+                # batches depend on it, not on the process count.
+                input_shards=0)
   c.aug = dict(preset='fashion_mnist', view_a=_view_overrides(), view_b=_view_overrides())
   c.model = dict(encoder=dict(name='small_cnn', width=1.0, stem='cifar'),
                  projector='1024-1024-1024', predictor='1024-256', dtype='float32',

@@ -249,6 +249,8 @@ def final_evaluation(config, run, state, mesh, feature_fn) -> dict[str, Any]:
   train, test = features_of(state.params, state.batch_stats)
   out = {'eval': evaluate_features(train, test, num_classes=spec.num_classes, config=ev)}
   out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
+  # Counted after the gather from every process: the whole split, not one host's shard.
+  out['eval']['train_examples'], out['eval']['test_examples'] = len(train[1]), len(test[1])
   out['eval'].update(embedding_statistics(test[0]))
   if ev.baselines:
     # Same architecture at initialisation, and raw pixels: what SSL must beat.

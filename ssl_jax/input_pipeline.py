@@ -341,40 +341,77 @@ def _encode_if_raw(image):
 
 def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int = 0,
                      split: Optional[str] = None, process_index: int = 0,
-                     process_count: int = 1,
+                     process_count: int = 1, input_shards: int = 0,
                      data_dir: Optional[str] = None, shuffle_buffer: int = 50_000,
                      host_crop_scale=(0.08, 1.0), host_crop_ratio=(3 / 4, 4 / 3)):
   """An infinite tf.data.Dataset of this process's pretraining batches.
+
+  The split is cut into `input_shards` disjoint shards (0: one per process),
+  each an independently shuffled stream; a process owns input_shards /
+  process_count consecutive shards, and its batch is their batches, in shard
+  order. The global batch therefore depends on the shard count only, not on
+  how many processes read it: one process with input_shards=2 sees the same
+  global batches as two processes (tests/multihost_test.py).
 
   Args:
     name: a key of DATASETS.
     local_batch: this process's batch, global_batch // process_count.
     seed: fixes the shuffles (and host crops); epoch e uses seed (seed, e).
     start_step: the first batch to yield: batches 0..start_step-1 of the same
-      (seed, process) stream are skipped, cheaply (whole epochs are not read).
+      (seed, shard) streams are skipped, cheaply (whole epochs are not read).
     split: the split to pretrain on (default: the dataset's pretrain_split;
       `spec_for` gives one without the validation hold-out).
+    input_shards: a multiple of process_count (0: process_count).
   Returns:
     Batches {'image': uint8 [B, H, W, C], 'label': int32 [B]} and, for
     variable-size datasets, 'view_b' (the second host crop of each image).
   """
   import tensorflow as tf
-  spec = get_spec(name)
   if local_batch <= 0:
     raise ValueError(f'local_batch must be > 0, got {local_batch}.')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  split = process_split(split or spec.pretrain_split, process_index, process_count)
+  shards = input_shards or process_count
+  if shards % process_count:
+    raise ValueError(f'data.input_shards={input_shards} must be a multiple of the process '
+                     f'count {process_count} (or 0: one shard per process).')
+  owned = shards // process_count
+  if local_batch % owned:
+    raise ValueError(f'The local batch {local_batch} must split evenly over this process\'s '
+                     f'{owned} input shards; change data.input_shards or the batch size.')
+  spec = get_spec(name)
+  streams = [
+      _shard_stream(name, process_split(split or spec.pretrain_split,
+                                        process_index * owned + k, shards),
+                    batch=local_batch // owned, seed=seed, start_step=start_step,
+                    data_dir=data_dir, shuffle_buffer=shuffle_buffer,
+                    host_crop_scale=host_crop_scale, host_crop_ratio=host_crop_ratio)
+      for k in range(owned)]
+  if owned == 1:
+    ds = streams[0]
+  else:
+    ds = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _shard_stream(name: str, split, *, batch: int, seed: int, start_step: int,
+                  data_dir: Optional[str], shuffle_buffer: int, host_crop_scale,
+                  host_crop_ratio):
+  """One shard's infinite stream of batches of `batch` examples (pretrain_dataset)."""
+  import tensorflow as tf
+  spec = get_spec(name)
   base = load_split(name, split, data_dir=data_dir, shuffle_files=True, seed=seed)
   if spec.cache:
     base = base.cache()
   n_local = int(base.cardinality())
-  if n_local < local_batch:
-    raise ValueError(f'This process holds {n_local} pretraining images of {name}, fewer '
-                     f'than one local batch ({local_batch}); lower the batch size.')
+  if n_local < batch:
+    raise ValueError(f'An input shard holds {n_local} pretraining images of {name}, fewer '
+                     f'than its part of the batch ({batch}); lower the batch size or the '
+                     'number of input shards.')
 
   # The data position after start_step batches, in examples of this stream.
-  position = start_step * local_batch
+  position = start_step * batch
   first_epoch, skip = divmod(position, n_local)
 
   def epoch(e):
@@ -397,8 +434,7 @@ def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int 
   else:
     ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   ds = ds.map(lambda ex: {**ex, 'label': tf.cast(ex['label'], tf.int32)})
-  ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True)
 
 
 def eval_dataset(name: str, split: str, *, local_batch: int, process_index: int = 0,

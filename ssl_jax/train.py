@@ -240,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start_step < min(stop_at, total_steps):
     dataset = input_pipeline.pretrain_dataset(
         config.data.name, local_batch=local_batch, seed=config.seed, start_step=start_step,
-        split=spec.pretrain_split, process_index=jax.process_index(), process_count=jax.process_count(),
+        split=spec.pretrain_split, process_index=jax.process_index(),
+        process_count=jax.process_count(), input_shards=config.data.input_shards,
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
