@@ -129,3 +129,23 @@ def test_two_processes_train_resume_after_sigkill_and_match_one_process(tmp_path
   assert first_two['l2_grads'] == pytest.approx(first_one['l2_grads'], rel=1e-6)
   for a, b in zip(params(single), params(workdir)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=5e-4)
+
+
+def test_slurm_environment_starts_the_distributed_runtime():
+  """Two local processes with the variables srun sets for a 2-task job (launch/slurm.sbatch)."""
+  job = str(free_port())   # JAX derives the coordinator port from the job id
+  snippet = ('from absl import flags; from ssl_jax import main; flags.FLAGS(["main"]); '
+             'main.initialize_distributed(); import jax; '
+             'print("joined", jax.process_index(), jax.process_count(), jax.device_count())')
+  procs = []
+  for task in range(2):
+    slurm = {'SLURM_JOB_ID': job, 'SLURM_STEP_NODELIST': '127.0.0.1', 'SLURM_NTASKS': '2',
+             'SLURM_PROCID': str(task), 'SLURM_LOCALID': str(task),
+             'SLURM_STEP_NUM_NODES': '1'}
+    procs.append(subprocess.Popen([sys.executable, '-c', snippet], cwd=ROOT,
+                                  env={**env(2), **slurm}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for task, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-2000:]
+    assert f'joined {task} 2 4' in out
