@@ -10,6 +10,14 @@ _flag = '--xla_force_host_platform_device_count=8'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests (and their subprocesses: crash loop, multi-host) compile the same
+# smoke-sized training step; JAX's persistent cache lets every run after the
+# first load it instead of compiling again. Compilation is deterministic, so
+# results are the same either way.
+import tempfile  # pylint: disable=g-import-not-at-top
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'ssl_jax_tests_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # TensorFlow is only the input pipeline here; keep it off the GPU and small.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 

@@ -138,6 +138,7 @@ def test_resume_follows_the_same_trajectory(tmp_path):
       assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=1e-4), (step, key)
 
 
+@pytest.mark.slow   # five training runs; CI's time goes to the multi-host and crash tests
 def test_elastic_resume_on_another_device_count_follows_the_same_trajectory(
     tmp_path, monkeypatch):
   """1 -> 4 and 4 -> 2 devices (fake CPU devices) continue the 1-device run.
@@ -298,8 +299,16 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(tmp_path, 
   kw = {'total_steps': 6, 'stop_at_step': 4, 'eval.enabled': False}
   train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
   _, reference = params_of(str(tmp_path), None, step=2)
-  corrupt(tmp_path / 'checkpoints' / '4')
+  step_dir = tmp_path / 'checkpoints' / '4'
+  corrupt(step_dir)
   config = smoke_config('vicreg', **{**kw, 'stop_at_step': 0})
+  # checkpoint_strict refuses, and leaves the folder where it is.
+  strict = smoke_config('vicreg', **{**kw, 'stop_at_step': 0}, checkpoint_strict=True)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match='could not be restored'):
+    train.train_and_evaluate(strict, str(tmp_path))
+  assert step_dir.exists() and not (tmp_path / 'checkpoints' / 'corrupt').exists()
+  # By default it is moved aside and the run goes on from step 2.
+  capsys.readouterr()
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['status'] == 'completed' and summary['steps'] == 6
   out = capsys.readouterr().out
@@ -310,17 +319,6 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(tmp_path, 
   assert checkpointing.make_manager(str(tmp_path), max_to_keep=3).all_steps() == [2, 4, 6]
   _, again = params_of(str(tmp_path), None, step=2)
   assert all(np.array_equal(a, b) for a, b in zip(reference, again))
-
-
-def test_strict_checkpoints_refuse_a_corrupt_one_and_keep_it(tmp_path):
-  kw = {'total_steps': 4, 'stop_at_step': 2, 'eval.enabled': False}
-  train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
-  step_dir = tmp_path / 'checkpoints' / '2'
-  corrupt(step_dir)
-  with pytest.raises(checkpointing.CorruptCheckpointError, match='could not be restored'):
-    train.train_and_evaluate(smoke_config('vicreg', **kw, checkpoint_strict=True),
-                             str(tmp_path))
-  assert step_dir.exists() and not (tmp_path / 'checkpoints' / 'corrupt').exists()
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path):
@@ -351,7 +349,8 @@ def test_disk_filling_during_a_save_gives_a_clear_error_and_keeps_earlier_checkp
     for step in steps:
       assert params_of(str(workdir), None, step=step)[0] == step
   finally:
-    subprocess.run(['umount', str(mount)], check=False)
+    # Lazy: Orbax's writer threads may still hold the (now full) files open.
+    subprocess.run(['umount', '-l', str(mount)], check=False)
 
 
 @pytest.mark.parametrize('override,message', [
