@@ -42,6 +42,7 @@ from ssl_jax import augment
 from ssl_jax import estimators
 from ssl_jax import evaluate
 from ssl_jax import input_pipeline
+from ssl_jax import losses
 from ssl_jax import models
 from ssl_jax import normality
 from ssl_jax import sharding
@@ -100,8 +101,11 @@ class Settings:
 
 @jax.jit
 def _spectrum_stats(z: jax.Array) -> dict[str, jax.Array]:
-  return {'spectrum': estimators.covariance_spectrum(z),
-          'effective_rank': estimators.effective_rank(z)}
+  """Eigenvalues of C = zc^T zc / N, descending ([min(N, D)]), and the effective
+  rank, from one SVD of zc: neither the [D, D] nor the [N, N] matrix is formed."""
+  s = jnp.linalg.svd(losses.center(losses.to_stats_dtype(z)), compute_uv=False)
+  return {'spectrum': jnp.square(s) / z.shape[0],
+          'effective_rank': estimators.effective_rank_of_singular_values(s)}
 
 
 @jax.jit
@@ -465,8 +469,7 @@ class Network:
     for start in range(0, n, self.batch_size):
       chunk = [a[start:start + self.batch_size] for a in arrays]
       rows = len(chunk[0])
-      chunk = [np.concatenate([c, np.repeat(c[-1:], self.batch_size - rows, 0)])
-               if rows < self.batch_size else c for c in chunk]
+      chunk = [_pad_rows(c, self.batch_size) for c in chunk]
       out = fn(*(self.put(c) for c in chunk))
       outs.append(jax.tree.map(lambda a: np.asarray(a)[:rows], out))
     return jax.tree.map(lambda *a: np.concatenate(a), *outs)

@@ -203,20 +203,13 @@ def effective_rank(z: Array) -> Array:
   Roy & Vetterli (2007); a collapse diagnostic in [1, min(N, D)].
   """
   zc = losses.center(losses.to_stats_dtype(z))
-  s = jnp.linalg.svd(zc, compute_uv=False)
+  return effective_rank_of_singular_values(jnp.linalg.svd(zc, compute_uv=False))
+
+
+def effective_rank_of_singular_values(s: Array) -> Array:
+  """`effective_rank` from the singular values s of the centred embeddings."""
   p = s / jnp.maximum(jnp.sum(s), 1e-12)
   return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))
-
-
-def covariance_spectrum(z: Array) -> Array:
-  """Eigenvalues of C = zc^T zc / N, descending: [min(N, D)].
-
-  From the singular values of zc (s^2 / N), so neither the [D, D] covariance
-  nor the [N, N] Gram matrix is formed.
-  """
-  zc = losses.center(losses.to_stats_dtype(z))
-  s = jnp.linalg.svd(zc, compute_uv=False)
-  return jnp.square(s) / z.shape[0]
 
 
 def logdet_as_differential_entropy(logdet: Array, dim: int, beta: float) -> Array:
