@@ -1,4 +1,4 @@
-"""Training-step speed: the lax.conv and im2col routes side by side, and PyTorch.
+"""Training-step speed: lax.conv, im2col, the allocator, and PyTorch side by side.
 
   python benchmarks/train_step.py [--rounds 5] [--steps 3] [--resnet] [--torch]
 
@@ -7,31 +7,41 @@ batch 256, two views) and, with --resnet, a CIFAR-stem ResNet-18
 (configs/vicreg_it.py:cifar10, batch 256, 32x32x3). Batches are random uint8
 images, so the input pipeline is not measured (benchmarks/input_pipeline.py).
 
-Speeds are compared only within one run on one machine: the routes are timed
-in alternating rounds (lax, im2col, lax, im2col, ...; `--steps` steps each)
-and the median seconds per step of each route are reported, so a machine that
-slows down or speeds up during the run affects both alike. The step's FLOPs
-come from XLA's cost analysis of the lax route's compiled step (the model
-FLOPs; im2col does the same arithmetic); the peak is a measured float32
-matmul (4096^3). Utilisation = model FLOPs per second / peak.
+Contenders: `lax/glibc` is the step as it was before the CPU work
+(nnx.Conv's lax.conv, glibc malloc); `im2col/glibc` adds the im2col route;
+`im2col/tcmalloc` is what `python -m ssl_jax.main` runs on a CPU with
+tcmalloc installed (ssl_jax/allocator.py). The allocator is fixed when a
+process starts, so every contender runs in its own worker process.
 
---torch builds the same encoder, projector and VICReg-IT step in PyTorch
-(benchmarks/torch_step.py: channels_last, the same batch and shapes, eager)
-and times it in the same alternating rounds; the last column is then
-"speed-up vs lax" for every contender, so im2col/torch is their ratio.
-`pip install -e '.[bench]'` installs torch (the CPU wheel is enough).
+Speeds are compared only within one run on one machine: the contenders are
+timed in alternating rounds (`--steps` steps each, one worker at a time,
+the others idle) and the median seconds per step of each is reported, so a
+machine that slows down or speeds up during the run affects all alike. The
+step's FLOPs come from XLA's cost analysis of the lax route's compiled step
+(the model FLOPs; im2col does the same arithmetic); the peak is a measured
+float32 matmul (4096^3). Utilisation = model FLOP/s / peak.
+
+--torch adds the same encoder, projector and VICReg-IT step in PyTorch
+(benchmarks/torch_step.py: channels_last, the same batch and shapes, eager),
+under both allocators. `pip install -e '.[bench]'` installs torch (the CPU
+wheel is enough).
 """
 
 import argparse
 import importlib
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssl_jax import allocator
 from ssl_jax import input_pipeline
 from ssl_jax import sharding
 from ssl_jax import train
@@ -91,6 +101,70 @@ class JaxStep:
     return (time.perf_counter() - start) / steps
 
 
+SETTINGS = {'default': ('default: small CNN, Fashion-MNIST, b256', None),
+            'resnet18': ('ResNet-18 CIFAR stem, 32x32x3, b256', 'cifar10')}
+_MESSAGE = '@@ '   # worker -> parent lines; anything else a worker prints is passed through
+
+
+def _config(setting: str, route: str):
+  config = importlib.import_module('configs.vicreg_it').get_config(SETTINGS[setting][1])
+  config.model.conv_route = route
+  return config
+
+
+def worker(setting: str, route: str) -> None:
+  """Builds one contender, then times `N` steps for every line `N` on stdin."""
+  if route == 'torch':
+    import torch_step  # pylint: disable=g-import-not-at-top  (benchmarks/, optional torch)
+    contender, flops = torch_step.TorchStep(_config(setting, 'lax')), float('nan')
+  else:
+    contender = JaxStep(_config(setting, route))
+    flops = contender.flops
+  print(_MESSAGE + json.dumps({'flops': flops, 'batch_size': contender.batch_size,
+                               'tcmalloc': allocator.tcmalloc_loaded()}), flush=True)
+  for line in sys.stdin:
+    print(_MESSAGE + json.dumps({'seconds': contender.time(int(line))}), flush=True)
+
+
+class Worker:
+  """A contender in its own process: `route` in {lax, im2col, torch}, `malloc` in
+  {glibc, tcmalloc}."""
+
+  def __init__(self, setting: str, route: str, malloc: str):
+    env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
+    if malloc == 'tcmalloc':
+      path = allocator.find_tcmalloc()
+      if path is None:
+        raise SystemExit(f'--malloc tcmalloc: not installed; {allocator.INSTALL_HINT}.')
+      env['LD_PRELOAD'] = path
+    here = os.path.dirname(os.path.abspath(__file__))
+    env['PYTHONPATH'] = os.pathsep.join([here, os.path.dirname(here), env.get('PYTHONPATH', '')])
+    self.name = f'{route}/{malloc}'
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--worker', setting, route],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    ready = self._read()
+    if ready['tcmalloc'] != (malloc == 'tcmalloc'):
+      raise SystemExit(f'{self.name}: the worker did not start with {malloc}.')
+    self.flops, self.batch_size = ready['flops'], ready['batch_size']
+
+  def _read(self) -> dict:
+    for line in self.process.stdout:
+      if line.startswith(_MESSAGE):
+        return json.loads(line[len(_MESSAGE):])
+      print(line, end='')
+    raise SystemExit(f'{self.name}: the worker stopped (exit {self.process.wait()}).')
+
+  def time(self, steps: int) -> float:
+    self.process.stdin.write(f'{steps}\n')
+    self.process.stdin.flush()
+    return self._read()['seconds']
+
+  def close(self):
+    self.process.stdin.close()
+    self.process.wait()
+
+
 def alternate(contenders: dict, rounds: int, steps: int) -> dict[str, float]:
   """Median seconds/step of each contender, timed in alternating rounds."""
   times = {name: [] for name in contenders}
@@ -106,39 +180,46 @@ def main():
   parser.add_argument('--steps', type=int, default=3, help='steps per timed round')
   parser.add_argument('--resnet', action='store_true', help='also the ResNet-18 CIFAR step')
   parser.add_argument('--torch', action='store_true', help='also PyTorch (needs torch)')
+  parser.add_argument('--contenders', default='lax/glibc,im2col/glibc,im2col/tcmalloc',
+                      help='comma-separated route/allocator pairs; the first is the baseline')
+  parser.add_argument('--worker', nargs=2, metavar=('SETTING', 'ROUTE'), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    return worker(*args.worker)
   peak = matmul_peak()
   print(f'{cpu_name()}; backend {jax.default_backend()}, {jax.device_count()} device(s); '
-        f'measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s')
-  settings = [('default: small CNN, Fashion-MNIST, b256', None)]
-  if args.resnet:
-    settings.append(('ResNet-18 CIFAR stem, 32x32x3, b256', 'cifar10'))
-  vicreg_it = importlib.import_module('configs.vicreg_it')
+        f'measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s', flush=True)
+  names = args.contenders.split(',')
+  if args.torch:
+    names += ['torch/glibc', 'torch/tcmalloc']
   rows, flops_of = [], {}
-  for name, arg in settings:
+  for setting in ['default'] + (['resnet18'] if args.resnet else []):
     contenders = {}
-    for route in ('lax', 'im2col'):
-      config = vicreg_it.get_config(arg)
-      config.model.conv_route = route
-      contenders[route] = JaxStep(config)
-    flops = flops_of[name] = contenders['lax'].flops
-    if args.torch:
-      import torch_step  # pylint: disable=g-import-not-at-top  (benchmarks/, optional torch)
-      contenders['torch'] = torch_step.TorchStep(vicreg_it.get_config(arg))
-    seconds = alternate(contenders, args.rounds, args.steps)
-    for route, s in seconds.items():
-      rows.append((name, route, s, contenders[route].batch_size / s, flops / s / peak,
-                   seconds['lax'] / s))
-  print(f'\n| {"setting":<40} | {"route":<7} | {"s/step":>7} | {"images/s":>9} | '
-        f'{"util.":>6} | {"speed-up vs lax":>15} |')
-  print(f'|{"-" * 42}|{"-" * 9}|{"-" * 9}|{"-" * 11}|{"-" * 8}|{"-" * 17}|')
-  for name, route, s, ips, util, speedup in rows:
-    print(f'| {name:<40} | {route:<7} | {s:>7.3f} | {ips:>9.1f} | {util:>6.1%} | '
-          f'{speedup:>14.2f}x |')
-  for name, flops in flops_of.items():
-    print(f'{name}: {flops / 1e9:.1f} model GFLOP/step (XLA cost analysis of the lax step)')
+    try:
+      for name in names:
+        route, malloc = name.split('/')
+        contenders[name] = Worker(setting, route, malloc)
+        contenders[name].time(1)   # warm up
+      flops = flops_of[setting] = next(c.flops for c in contenders.values()
+                                       if c.flops == c.flops)  # any JAX step's cost analysis
+      seconds = alternate(contenders, args.rounds, args.steps)
+    finally:
+      for contender in contenders.values():
+        contender.close()
+    base = seconds[names[0]]
+    for name, s in seconds.items():
+      rows.append((SETTINGS[setting][0], name, s, contenders[name].batch_size / s,
+                   flops / s / peak, base / s))
+  print(f'\n| {"setting":<40} | {"contender":<15} | {"s/step":>7} | {"images/s":>9} | '
+        f'{"util.":>6} | {"speed-up vs " + names[0]:>22} |')
+  print(f'|{"-" * 42}|{"-" * 17}|{"-" * 9}|{"-" * 11}|{"-" * 8}|{"-" * 24}|')
+  for name, contender, s, ips, util, speedup in rows:
+    print(f'| {name:<40} | {contender:<15} | {s:>7.3f} | {ips:>9.1f} | {util:>6.1%} | '
+          f'{speedup:>21.2f}x |')
+  for setting, flops in flops_of.items():
+    print(f'{SETTINGS[setting][0]}: {flops / 1e9:.1f} model GFLOP/step (XLA cost analysis)')
   print('images/s counts source images; each step processes two views of each. '
-        'Utilisation = model FLOPs/s over the measured matmul peak.')
+        'Utilisation = model FLOP/s over the measured matmul peak.')
 
 
 if __name__ == '__main__':

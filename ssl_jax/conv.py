@@ -25,11 +25,13 @@ backend and `model.conv_route` can force either.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ssl_jax import allocator
 
 Array = jax.Array
 
@@ -75,17 +77,31 @@ def _matmul(a: Array, b: Array) -> Array:
   return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
 
 
-# Bytes of patches built per loop iteration: small enough to stay in a core's
-# L2/L3 cache between being written and being multiplied. Measured on 2 Xeon
-# cores (benchmarks/conv_chunks.py): 4-16 MiB beat both 1 MiB and one
-# batch-wide patch matrix, which is memory-bound at 9x the activations.
-CHUNK_BYTES = 8 << 20
+# Bytes of patches built per loop iteration. Why it depends on the allocator
+# (ssl_jax/allocator.py): with glibc's malloc every block over 32 MiB comes
+# as fresh pages that fault in on each step, so one batch-wide patch matrix
+# (9x the activations) costs more in page faults than it saves; chunks of
+# 4-16 MiB stay under that size and in cache. With tcmalloc, which reuses
+# freed memory, the loop only adds work and one chunk is fastest. Measured on
+# 2 Xeon cores, default step, seconds (benchmarks/train_step.py):
+#   glibc     8 MiB 0.721 | 128 MiB 0.749 | one chunk 0.853
+#   tcmalloc  8 MiB 0.669 | 128 MiB 0.599 | one chunk 0.594
+CHUNK_BYTES_GLIBC = 8 << 20
+CHUNK_BYTES = None  # None: chosen by the allocator this process runs with
 
 
-def num_chunks(batch: int, bytes_per_image: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+def patch_bytes_per_chunk() -> float:
+  """The patch bytes per loop iteration: CHUNK_BYTES if set, else by allocator."""
+  if CHUNK_BYTES is not None:
+    return CHUNK_BYTES
+  return float('inf') if allocator.tcmalloc_loaded() else CHUNK_BYTES_GLIBC
+
+
+def num_chunks(batch: int, bytes_per_image: int, chunk_bytes: Optional[float] = None) -> int:
   """The number of equal batch chunks (a power of 2 dividing `batch`) to loop over."""
+  limit = patch_bytes_per_chunk() if chunk_bytes is None else chunk_bytes
   n = 1
-  while batch % (2 * n) == 0 and (batch // n) * bytes_per_image > chunk_bytes:
+  while batch % (2 * n) == 0 and (batch // n) * bytes_per_image > limit:
     n *= 2
   return n
 

@@ -73,4 +73,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from ssl_jax import allocator
+  allocator.reexec_with_tcmalloc('ssl_jax.diagnose')  # before JAX starts: see allocator.py
   app.run(main)

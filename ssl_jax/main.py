@@ -107,7 +107,11 @@ def main(argv):
   from ssl_jax import metrics
   metrics.quiet_library_logs()   # keep the progress bar readable
   initialize_distributed()
+  import jax
+  from ssl_jax import allocator
   from ssl_jax import train
+  if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
+    print(hint, file=sys.stderr, flush=True)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/vicreg_it.py')
@@ -116,6 +120,8 @@ def main(argv):
 
 
 def run():
+  from ssl_jax import allocator
+  allocator.reexec_with_tcmalloc('ssl_jax.main')  # before JAX starts: see allocator.py
   app.run(main)
 
 

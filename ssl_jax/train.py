@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ssl_jax import allocator
 from ssl_jax import augment
 from ssl_jax import checkpointing
 from ssl_jax import diagnostics
@@ -225,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f'ssl_jax: {config.method} on {config.data.name}, {mesh.size} device(s), '
+    print(f'ssl_jax: {config.method} on {config.data.name}, {mesh.size} {jax.default_backend()} '
+          f'device(s), malloc {"tcmalloc" if allocator.tcmalloc_loaded() else "system"}, '
           f'global batch {global_batch}, {total_steps} steps, {n_params:,} parameters, '
           f'{"resuming at step " + str(start_step) if start_step else "from scratch"}; '
           f'workdir {os.path.abspath(workdir)}', flush=True)
@@ -309,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'method': config.method, 'dataset': config.data.name, 'status': status,
       'steps': final_step, 'total_steps': total_steps, 'wall_time_sec': None,
       'train_time_sec': train_seconds, 'devices': mesh.size,
+      'malloc': 'tcmalloc' if allocator.tcmalloc_loaded() else 'system',
       'config': json.loads(config.to_json_best_effort()),
   }
   if status != 'completed':

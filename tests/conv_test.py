@@ -67,12 +67,23 @@ def test_batch_chunking_does_not_change_the_result(monkeypatch, chunk_bytes):
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.float32)
   ref, _ = _both(x, kernel, 2, 'SAME')
   monkeypatch.setattr(conv, 'CHUNK_BYTES', chunk_bytes)
+  # The setting reaches the convolution: the forward patches of one image are
+  # 5 * 5 * 9 * 4 channels * 4 bytes, so 1 and 2048 bytes loop image by image.
+  assert conv.num_chunks(8, 5 * 5 * 9 * 4 * 4) == (1 if chunk_bytes == 1 << 30 else 8)
   f = lambda x, w: conv.conv2d(x, w, (2, 2), ((1, 1), (1, 1)))   # 'SAME' for 9 -> 5
   np.testing.assert_allclose(f(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
   g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, kernel)
   g = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1))(x, kernel)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_size_follows_the_allocator(monkeypatch):
+  monkeypatch.setattr(conv, 'CHUNK_BYTES', None)
+  monkeypatch.setattr(conv.allocator, 'tcmalloc_loaded', lambda: False)
+  assert conv.patch_bytes_per_chunk() == conv.CHUNK_BYTES_GLIBC
+  monkeypatch.setattr(conv.allocator, 'tcmalloc_loaded', lambda: True)
+  assert conv.num_chunks(512, 10 ** 6) == 1       # tcmalloc: one batch-wide patch matrix
 
 
 def test_num_chunks_divides_the_batch_and_bounds_the_chunk():
