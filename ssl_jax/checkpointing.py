@@ -73,8 +73,11 @@ def check_writable(workdir: str) -> None:
         'folder this user can write to, or fix its permissions.') from error
 
 
-def _write_error(manager: ocp.CheckpointManager, error: Exception, what: str
-                 ) -> CheckpointWriteError:
+def write_error(manager: ocp.CheckpointManager, error: Exception, what: str
+                ) -> CheckpointWriteError:
+  """The error for a failed write into the run folder (a checkpoint, or the
+  metrics beside it: a full disk hits whichever writes first), naming the intact
+  checkpoints and the step a rerun resumes from."""
   try:
     kept = [s for s in manager.all_steps() if os.path.isdir(
         os.path.join(str(manager.directory), str(s)))]
@@ -86,7 +89,7 @@ def _write_error(manager: ocp.CheckpointManager, error: Exception, what: str
   resume = (f'run the same command again to resume from step {max(kept)}' if kept
             else 'run the same command again to start over')
   return CheckpointWriteError(
-      f'{what} in {manager.directory} failed: {cause} ({type(error).__name__}: {message}). '
+      f'{what} failed: {cause} ({type(error).__name__}: {message}). '
       f'The complete checkpoints already there (steps {kept}) are intact, and an unfinished '
       f'one is ignored on restart. Free space or fix the folder, then {resume}.')
 
@@ -100,7 +103,7 @@ def save(manager: ocp.CheckpointManager, state, config, *, force: bool = False) 
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
   except (OSError, ValueError) as error:
-    raise _write_error(manager, error, f'Saving the checkpoint of step {step}') from error
+    raise write_error(manager, error, f'Saving the checkpoint of step {step} in {manager.directory}') from error
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -108,7 +111,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except (OSError, ValueError) as error:
-    raise _write_error(manager, error, 'An asynchronous checkpoint save') from error
+    raise write_error(manager, error, f'An asynchronous checkpoint save in {manager.directory}') from error
 
 
 class CorruptCheckpointError(ValueError):

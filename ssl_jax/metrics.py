@@ -43,6 +43,11 @@ class MetricWriter:
     import tensorflow as tf
     self._tb = tf.summary.create_file_writer(self._tb_dir)
 
+  @property
+  def path(self) -> str:
+    """The metrics.jsonl file."""
+    return self._jsonl
+
   def _rewrite(self) -> None:
     tmp = self._jsonl + '.tmp'
     with open(tmp, 'w') as f:

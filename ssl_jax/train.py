@@ -286,7 +286,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if monitor is not None and (diag := monitor(step, state)):
             scalars.update(diag)
             throughput.rate()
-          writer.write_scalars(step, scalars)
+          try:
+            writer.write_scalars(step, scalars)
+          except OSError as error:
+            # A full disk may hit metrics.jsonl before the background checkpoint
+            # save reports it: name the failed save first if there is one.
+            checkpointing.wait(manager)
+            raise checkpointing.write_error(
+                manager, error, f'Writing the metrics of step {step} to {writer.path}') from error
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',
                           img_s=f'{scalars["images_per_sec"]:.0f}')

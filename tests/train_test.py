@@ -353,6 +353,30 @@ def test_disk_filling_during_a_save_gives_a_clear_error_and_keeps_earlier_checkp
     subprocess.run(['umount', '-l', str(mount)], check=False)
 
 
+def test_full_disk_hitting_the_metrics_file_first_gives_the_same_clear_error(
+    tmp_path, monkeypatch):
+  # On a full disk the append to metrics.jsonl can fail before the background
+  # checkpoint save reports its own failure (seen in CI): the run must stop with
+  # the same error, naming the intact checkpoints, not a bare OSError.
+  from ssl_jax import metrics
+  original = metrics.MetricWriter.write_scalars
+
+  def fills_at_step_6(self, step, scalars):
+    if step >= 6:
+      raise OSError(28, 'No space left on device')
+    return original(self, step, scalars)
+
+  monkeypatch.setattr(metrics.MetricWriter, 'write_scalars', fills_at_step_6)
+  config = smoke_config('vicreg', total_steps=40, keep_checkpoints=100,
+                        **{'eval.enabled': False})
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'metrics of step 6 .*disk is full.*steps \[2, 4\]\) are intact'
+                           r'.*resume from step 4'):
+    train.train_and_evaluate(config, workdir)
+  assert params_of(workdir, None, step=4)[0] == 4
+
+
 @pytest.mark.parametrize('override,message', [
     ('--config.data.nme=3', 'nme'),
     ('--config.data.batch_size=12', 'multiple of the device count'),
