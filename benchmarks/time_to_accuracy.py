@@ -1,0 +1,155 @@
+"""Time to accuracy: the default recipe's linear-probe accuracy at wall-clock budgets.
+
+  python benchmarks/time_to_accuracy.py [--budgets 5,10,20,30] \
+      [--contenders lax/glibc,im2col/tcmalloc] [--root runs/time_to_accuracy]
+
+For every contender (conv route / allocator, as in benchmarks/train_step.py:
+`lax/glibc` is the step before the CPU work, `im2col/tcmalloc` what
+`python -m ssl_jax.main` runs today on a CPU with tcmalloc) and budget B
+minutes, it runs the default command (configs/vicreg_it.py) with the number
+of steps that fits in B minutes, schedule and all, and reports the final
+linear-probe and kNN test accuracy. The budget is the pretraining command's
+wall clock: start-up, compilation, training and checkpoints, everything but
+the final evaluation, which is reported beside it.
+
+The steps that fit are found by a calibration run per contender (60 steps,
+no final evaluation): seconds per step from the steps' logged throughput,
+and a fixed cost (start-up and compilation) from the rest of its wall time.
+Every run's actual pretraining time is in the table, so a budget that was
+overshot shows. Each run is an ordinary workdir under --root; finished runs
+are skipped when the command is repeated. Results: results/time_to_accuracy.
+{json,md}, with the machine's CPU and measured float32 matmul rate.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import train_step as step_bench   # benchmarks/: matmul_peak, cpu_name
+
+CALIBRATION_STEPS = 60
+TOLERANCE = 0.03   # a run more than 3% over its budget is refitted and run again
+TRAIN_IMAGES = 60_000   # Fashion-MNIST's training split, the default's pretraining set
+
+
+def run_cell(root: str, name: str, route: str, malloc: str, steps: int,
+             evaluate: bool = True) -> dict:
+  """Runs (or reuses) one ssl_jax.main run; returns its summary with 'pretrain_sec'."""
+  workdir = os.path.join(root, name)
+  record = os.path.join(workdir, 'time_to_accuracy.json')
+  if os.path.exists(record):
+    with open(record) as f:
+      return json.load(f)
+  if os.path.exists(workdir):
+    # A partial run would resume and so mis-time itself: start it again.
+    subprocess.run(['rm', '-rf', workdir], check=True)
+  env = dict(os.environ, SSL_JAX_MALLOC='system' if malloc == 'glibc' else 'tcmalloc')
+  env.pop('LD_PRELOAD', None)
+  command = [sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py',
+             f'--workdir={workdir}', f'--config.total_steps={steps}',
+             f'--config.model.conv_route={route}', f'--config.eval.enabled={evaluate}']
+  print(f'  {name}: {steps} steps ...', flush=True)
+  start = time.time()
+  subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  wall = time.time() - start
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  if summary.get('malloc') != ('system' if malloc == 'glibc' else 'tcmalloc'):
+    raise SystemExit(f'{name}: ran with malloc {summary.get("malloc")}, not {malloc}; '
+                     'is tcmalloc installed (apt-get install libtcmalloc-minimal4)?')
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rates = [json.loads(line).get('images_per_sec') for line in f if line.strip()]
+  rates = [r for r in rates[1:] if r]   # the first interval includes compilation
+  batch = summary['config']['data']['batch_size']
+  summary = {k: v for k, v in summary.items() if k != 'config'}
+  summary.update(name=name, route=route, malloc=malloc, wall_sec=wall, batch_size=batch,
+                 pretrain_sec=wall - (summary.get('eval_time_sec') or 0.0),
+                 sec_per_step=batch / statistics.median(rates) if rates else None)
+  with open(record, 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def steps_within(seconds: float, runs: list[dict]) -> int:
+  """Steps whose pretraining should take `seconds`, from the runs so far.
+
+  One run (the calibration): its logged seconds per step and the rest of its
+  wall time as a fixed cost. That misses the periodic work (online probe,
+  diagnostics, checkpoints every 50-100 steps), so from two runs on, time =
+  fixed + steps * per_step is fitted to the runs' steps and pretraining times.
+  """
+  if len(runs) == 1:
+    per_step = runs[0]['sec_per_step']
+    fixed = runs[0]['pretrain_sec'] - runs[0]['steps'] * per_step
+  else:
+    n = [r['steps'] for r in runs]
+    t = [r['pretrain_sec'] for r in runs]
+    per_step, fixed = statistics.linear_regression(n, t)
+  return int((seconds - fixed) / per_step)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--budgets', default='5,10,20,30', help='minutes, comma-separated')
+  parser.add_argument('--contenders', default='lax/glibc,im2col/tcmalloc')
+  parser.add_argument('--root', default='runs/time_to_accuracy')
+  parser.add_argument('--results', default='results/time_to_accuracy')
+  args = parser.parse_args()
+  budgets = [float(b) for b in args.budgets.split(',')]
+  peak = step_bench.matmul_peak()
+  machine = f'{step_bench.cpu_name()}, {os.cpu_count()} cores, float32 matmul {peak / 1e9:.1f} GFLOP/s'
+  print(machine, flush=True)
+  rows = []
+  for contender in args.contenders.split(','):
+    route, malloc = contender.split('/')
+    tag = contender.replace('/', '_')
+    done = [run_cell(args.root, f'{tag}__calibration', route, malloc, CALIBRATION_STEPS,
+                     evaluate=False)]
+    for budget in budgets:
+      steps = steps_within(budget * 60, done)
+      if steps < 10:
+        print(f'  {budget:g} min: too short for {contender} ({steps} steps)')
+        continue
+      cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, steps)
+      done.append(cell)
+      if cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE):
+        # Over budget: run it again with the steps refitted on this run too.
+        cell = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc,
+                        steps_within(budget * 60, done))
+        done.append(cell)
+      rows.append(dict(contender=contender, budget_min=budget, steps=cell['steps'],
+                       pretrain_min=cell['pretrain_sec'] / 60,
+                       epochs=cell['steps'] * cell['batch_size'] / TRAIN_IMAGES,
+                       linear=cell['eval']['linear_test_acc'],
+                       knn20=cell['eval'].get('knn20_test_acc'),
+                       raw_pixels=cell.get('baseline_raw_pixels', {}).get('linear_test_acc'),
+                       random_init=cell.get('baseline_random_init', {}).get('linear_test_acc'),
+                       eval_min=(cell.get('eval_time_sec') or 0) / 60,
+                       sec_per_step=cell['sec_per_step']))
+      print(f'  {budget:g} min: {rows[-1]}', flush=True)
+  os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
+  with open(args.results + '.json', 'w') as f:
+    json.dump({'machine': machine, 'matmul_gflops': peak / 1e9, 'rows': rows}, f, indent=1)
+  lines = [f'Time to accuracy, default recipe (configs/vicreg_it.py), on {machine}.', '',
+           '| contender | budget | steps (epochs) | pretraining time | linear probe | kNN-20 |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["contender"]} | {r["budget_min"]:g} min | {r["steps"]} '
+                 f'({r["epochs"]:.1f}) | {r["pretrain_min"]:.1f} min | {r["linear"]:.2%} | '
+                 f'{r["knn20"]:.2%} |')
+  if rows:
+    lines += ['', f'Baselines: raw pixels {rows[0]["raw_pixels"]:.2%}, random init '
+              f'{rows[0]["random_init"]:.2%} (linear probe). The final evaluation (not in '
+              'the budget) took about ' f'{statistics.median(r["eval_min"] for r in rows):.1f} min.']
+  with open(args.results + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
