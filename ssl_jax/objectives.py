@@ -78,8 +78,22 @@ def _covariance(outputs, axis_name, route='auto', reduce='sum'):
   return _per_view(losses.covariance, outputs, 'z', reduce, axis_name, route=route)
 
 
+def on_sphere(z: Array, eps: float = 1e-12) -> Array:
+  """Rows of z [N, D] rescaled to norm sqrt(D): a mean squared coordinate of 1."""
+  norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
+  return z * jnp.sqrt(float(z.shape[-1])) / jnp.maximum(norm, eps)
+
+
 def _logdet(outputs, axis_name, beta=1.0, normalizer='n', route='auto',
-            mode='per_view', inputs='z'):
+            mode='per_view', inputs='z', sphere=False):
+  # sphere: the log-det grows without bound with the embeddings' scale, which
+  # VICReg's invariance (a squared distance) holds in check but BYOL's cosine
+  # loss does not: BYOL + LogDet on raw z diverged at every weight tried
+  # (results/fmnist_compare). On the sphere of radius sqrt(D), the space
+  # BYOL's loss lives in, scale is fixed and beta keeps VICReg's meaning.
+  if sphere:
+    key_a, key_b = _view_keys(inputs)
+    outputs = {**outputs, key_a: on_sphere(outputs[key_a]), key_b: on_sphere(outputs[key_b])}
   return _entropy(estimators.logdet_entropy, outputs, inputs, mode, axis_name,
                   beta=beta, normalizer=normalizer, route=route)
 
@@ -136,7 +150,7 @@ _VICREG_TERMS = {
 # section 3: "choose defaults by a small sweep"); only vicreg_it's weight has
 # been swept so far (README, "Default weights"); the rest are starting points.
 _LOGDET = {'weight': 1.0, 'beta': 1.0, 'normalizer': 'n', 'route': 'auto',
-           'mode': 'per_view', 'inputs': 'z'}
+           'mode': 'per_view', 'inputs': 'z', 'sphere': False}
 _PAIRWISE = {'weight': 1.0, 'sigma': 1.0, 'sigma_mode': 'median', 'bound': 'upper',
              'mode': 'per_view', 'inputs': 'z'}
 

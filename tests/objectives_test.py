@@ -96,6 +96,28 @@ def test_byol_entropy_can_read_the_predictions():
   assert float(metrics['logdet_entropy']) == pytest.approx(float(expected))
 
 
+def test_logdet_on_the_sphere_ignores_the_embedding_scale():
+  terms = objectives.method_terms('byol_logdet')
+  terms['logdet_entropy']['sphere'] = True
+  objective = objectives.build_objective(terms)
+  out = make_outputs()
+  from ssl_jax import estimators
+  _, metrics = objectives.build_objective(terms)(out)
+  rows = lambda z: z * np.sqrt(z.shape[1]) / np.linalg.norm(z, axis=1, keepdims=True)
+  expected = 0.5 * (estimators.logdet_entropy(rows(out['z_a']))[0]
+                    + estimators.logdet_entropy(rows(out['z_b']))[0])
+  assert float(metrics['logdet_entropy']) == pytest.approx(float(expected), rel=1e-12)
+  # The raw log-det grows with the scale (what let BYOL + LogDet diverge); this one does not.
+  scaled = {**out, 'z_a': 10 * out['z_a'], 'z_b': 10 * out['z_b']}
+  assert float(objective(scaled)[1]['logdet_entropy']) == pytest.approx(
+      float(metrics['logdet_entropy']), rel=1e-10)
+  raw = objectives.build_objective(objectives.method_terms('byol_logdet'))
+  assert float(raw(scaled)[1]['logdet_entropy']) > float(raw(out)[1]['logdet_entropy']) + 1
+  # Its gradient against finite differences, through the rescaling.
+  check_grads(lambda z_a, z_b: objective({**out, 'z_a': z_a, 'z_b': z_b})[0],
+              (out['z_a'], out['z_b']), order=1, modes=['rev'])
+
+
 def test_byol_target_gets_no_gradient():
   out = make_outputs()
   objective = objectives.build_objective(objectives.method_terms('byol'))

@@ -54,7 +54,11 @@ def get_config():
           f'optim.base_lr=0.3, {PAIRWISE}.weight=1.0, variant=add',
           f'optim.base_lr=1.0, {PAIRWISE}.weight=1.0, variant=add']),
       byol=dict(config='configs/byol.py', trials=lrs(0.3, 1.0, 2.0, 4.0)),
-      byol_logdet=dict(config='configs/byol_logdet.py', trials=byol_entropy_trials(LOGDET)),
+      # Trials 0-1 (raw z and p) diverged to NaN; 2-3 were redefined before they ran, to
+      # the log-det on the sphere (objectives.on_sphere), where scale cannot run away.
+      byol_logdet=dict(config='configs/byol_logdet.py', trials=byol_entropy_trials(LOGDET)[:2] + [
+          f'optim.base_lr=1.0, {LOGDET}.weight=0.25, {LOGDET}.inputs=z, {LOGDET}.sphere=True',
+          f'optim.base_lr=1.0, {LOGDET}.weight=1.0, {LOGDET}.inputs=z, {LOGDET}.sphere=True']),
       byol_pairdist=dict(config='configs/byol_pairdist.py',
                          trials=byol_entropy_trials(PAIRWISE)),
       simclr=dict(config='configs/simclr.py', trials=lrs(0.1, 0.4, 1.0, 2.0)),
