@@ -82,11 +82,16 @@ def _matmul(a: Array, b: Array) -> Array:
 # as fresh pages that fault in on each step, so one batch-wide patch matrix
 # (9x the activations) costs more in page faults than it saves; chunks of
 # 4-16 MiB stay under that size and in cache. With tcmalloc, which reuses
-# freed memory, the loop only adds work and one chunk is fastest. Measured on
-# 2 Xeon cores, default step, seconds (benchmarks/train_step.py):
+# freed memory, large chunks are fastest, but not one batch-wide chunk: XLA
+# then keeps every layer's patches alive from the forward pass to the
+# backward pass, and the ResNet-18 CIFAR step grew to 21 GB and was killed on
+# a 24 GB machine. 128 MiB is as fast as one chunk on the default step, whose
+# forward patches (116 MB per layer) still fit in one. Measured on 2 Xeon
+# cores, default step, seconds (benchmarks/train_step.py):
 #   glibc     8 MiB 0.721 | 128 MiB 0.749 | one chunk 0.853
 #   tcmalloc  8 MiB 0.669 | 128 MiB 0.599 | one chunk 0.594
 CHUNK_BYTES_GLIBC = 8 << 20
+CHUNK_BYTES_TCMALLOC = 128 << 20
 CHUNK_BYTES = None  # None: chosen by the allocator this process runs with
 
 
@@ -94,7 +99,7 @@ def patch_bytes_per_chunk() -> float:
   """The patch bytes per loop iteration: CHUNK_BYTES if set, else by allocator."""
   if CHUNK_BYTES is not None:
     return CHUNK_BYTES
-  return float('inf') if allocator.tcmalloc_loaded() else CHUNK_BYTES_GLIBC
+  return CHUNK_BYTES_TCMALLOC if allocator.tcmalloc_loaded() else CHUNK_BYTES_GLIBC
 
 
 def num_chunks(batch: int, bytes_per_image: int, chunk_bytes: Optional[float] = None) -> int:

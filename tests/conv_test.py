@@ -83,7 +83,11 @@ def test_chunk_size_follows_the_allocator(monkeypatch):
   monkeypatch.setattr(conv.allocator, 'tcmalloc_loaded', lambda: False)
   assert conv.patch_bytes_per_chunk() == conv.CHUNK_BYTES_GLIBC
   monkeypatch.setattr(conv.allocator, 'tcmalloc_loaded', lambda: True)
-  assert conv.num_chunks(512, 10 ** 6) == 1       # tcmalloc: one batch-wide patch matrix
+  assert conv.patch_bytes_per_chunk() == conv.CHUNK_BYTES_TCMALLOC
+  # The default step's forward patches (512 views of 7x7x1152 floats) fit in
+  # one chunk; a ResNet-18 CIFAR layer's (32x32x576 floats) is split.
+  assert conv.num_chunks(512, 7 * 7 * 1152 * 4) == 1
+  assert conv.num_chunks(512, 32 * 32 * 576 * 4) == 16
 
 
 def test_num_chunks_divides_the_batch_and_bounds_the_chunk():
