@@ -12,7 +12,9 @@ Two stages, one protocol (README, "The comparison"):
          validation images (data.eval_on='validation'); the test split is
          never read.
   final: each method at its best trial (validation linear probe), at every
-         final seed, evaluated on the test split.
+         final seed, evaluated on the test split. At the tuning seed the
+         pretraining is the chosen trial's own: its checkpoint is restored
+         (when ROOT still has it) and only evaluated on the test split.
 
 Each cell is an ordinary `python -m ssl_jax.main` run in ROOT/<cell>, with
 its full config saved there. A finished cell writes a small result file
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,6 +258,49 @@ def write_json(path: str, value: Any) -> None:
 # Running.
 # ----------------------------------------------------------------------------
 
+REUSE_MARKER = 'pretraining_from.json'
+
+
+def reusable_pretraining(experiment, root: str, results: str, cell: Cell) -> Optional[str]:
+  """The workdir of the tuning run this final cell would repeat, if it can be reused.
+
+  The final cell at the tuning seed pretrains exactly as its chosen tuning
+  trial did (same config, seed and 50,000 images; only data.eval_on differs),
+  so it restores that run's final checkpoint and only evaluates, on the test
+  split. Reused only when the tuning run completed with the overrides this
+  cell has now (a trial redefined since it ran is not reused) and its folder
+  still holds the checkpoints; otherwise the cell pretrains from scratch.
+  """
+  if cell.stage != 'final' or cell.seed != experiment.tune_seed or cell.trial < 0:
+    return None
+  tune = Cell(cell.method, 'tune', cell.trial, cell.seed, cell.config_file,
+              cell_overrides(experiment, cell.method, cell.trial, 'tune'))
+  source = os.path.join(root, tune.name)
+  result_file = result_path(results, experiment, tune)
+  if (os.path.exists(os.path.join(root, cell.name, 'checkpoints'))
+      or not os.path.isdir(os.path.join(source, 'checkpoints'))
+      or not os.path.exists(result_file)):
+    return None
+  with open(result_file) as f:
+    result = json.load(f)
+  summary = finished_summary(source)
+  if (result.get('status') != 'completed' or result.get('overrides') != dict(tune.overrides)
+      or summary is None or summary.get('steps') != summary.get('total_steps')):
+    return None
+  return source
+
+
+def reuse_pretraining(source: str, workdir: str) -> None:
+  """Copies a finished tuning run's checkpoints and metrics into a final cell's workdir."""
+  shutil.copytree(os.path.join(source, 'checkpoints'), os.path.join(workdir, 'checkpoints'))
+  for name in ('metrics.jsonl',):
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copy2(os.path.join(source, name), os.path.join(workdir, name))
+  with open(os.path.join(source, 'summary.json')) as f:
+    summary = json.load(f)
+  write_json(os.path.join(workdir, REUSE_MARKER),
+             {'cell': os.path.basename(source), 'wall_time_sec': summary['wall_time_sec']})
+
 def finished_summary(workdir: str) -> Optional[dict[str, Any]]:
   """The summary of a completed, evaluated cell in workdir, else None."""
   summary = metrics.completed_summary(workdir)
@@ -291,6 +337,8 @@ class Runner:
   def start(self, cell: Cell) -> None:
     workdir = os.path.join(self.root, cell.name)
     os.makedirs(workdir, exist_ok=True)
+    if (source := reusable_pretraining(self.experiment, self.root, self.results, cell)):
+      reuse_pretraining(source, workdir)
     log = open(os.path.join(workdir, 'log.txt'), 'a')
     log.write(f'\n$ {" ".join(cell.command(workdir))}\n')
     log.flush()
@@ -301,8 +349,16 @@ class Runner:
     self.progress(f'started {cell.name}')
 
   def record(self, cell: Cell, summary: dict[str, Any], commit: str) -> None:
-    write_json(result_path(self.results, self.experiment, cell),
-               result_from_summary(cell, summary, commit))
+    result = result_from_summary(cell, summary, commit)
+    marker = os.path.join(self.root, cell.name, REUSE_MARKER)
+    if os.path.exists(marker):
+      with open(marker) as f:
+        source = json.load(f)
+      # This cell only evaluated; its wall time is the evaluation's. The final
+      # table's wall time averages the cells that pretrained (wall_time_sec).
+      result.update(pretraining_from=source, wall_time_sec=None,
+                    eval_wall_time_sec=summary['wall_time_sec'])
+    write_json(result_path(self.results, self.experiment, cell), result)
     self.done += 1
 
   def poll(self) -> None:
@@ -470,7 +526,9 @@ def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
     rows = [r for r in results.values() if r['method'] == method and r['stage'] == 'final'
             and r.get('status', 'completed') == 'completed']
     stats = {m: mean_ci([metric(r, m) for r in rows]) for m in FINAL_METRICS}
-    stats['wall_time_sec'] = mean_ci([r['wall_time_sec'] for r in rows])
+    # Cells that reused their tuning run's pretraining only evaluated: not counted.
+    stats['wall_time_sec'] = mean_ci([r['wall_time_sec'] for r in rows
+                                      if r.get('wall_time_sec') is not None])
     final[method] = {'seeds': sorted(r['seed'] for r in rows), 'stats': stats}
   claims = []
   for variant, base in CLAIMS:
@@ -535,6 +593,10 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
         f'| {_num(*s["entropy_logdet"][:2])} | {_num(*s["entropy_pairwise_upper"][:2])} '
         f'| {_num(*s["entropy_pairwise_lower"][:2])} | {_num(*s["entropy_gaussian"][:2])} '
         f'| {_num(wall[0] / 60, wall[1] / 60)} |')
+  if any(r.get('pretraining_from') for r in results.values()):
+    lines += ['', f'At seed {experiment.tune_seed}, a final cell restores its chosen tuning '
+              'run\'s checkpoint (the same pretraining) and only evaluates it on the test split; '
+              'wall time averages the cells that pretrained.']
   lines += ['', '## The paper\'s claims: entropy variant minus its base method (same seeds)', '',
             f'| comparison | seeds | linear (points) | kNN-{summary["knn_k"]} (points) '
             '| linear-probe verdict |',

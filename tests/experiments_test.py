@@ -152,6 +152,53 @@ def test_verdicts():
   assert experiments.verdict(0.02, math.nan, 1).startswith('inconclusive: fewer than 2')
 
 
+def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_path):
+  """Only a completed tuning run of the same overrides, with its checkpoints, is reused."""
+  exp = experiment_config()
+  root, results = tmp_path / 'root', tmp_path / 'results'
+  tune = experiments.tuning_cells(exp)[0]                       # vicreg, trial 0, seed 0
+  finals = experiments.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
+  final_s0 = next(c for c in finals if c.method == 'vicreg' and c.seed == 0)
+  final_s1 = next(c for c in finals if c.method == 'vicreg' and c.seed == 1)
+  source = root / tune.name
+  (source / 'checkpoints' / '40').mkdir(parents=True)
+  (source / 'checkpoints' / '40' / 'state').write_text('weights')
+  (source / 'metrics.jsonl').write_text('{"step": 40}\n')
+  summary = {'status': 'completed', 'steps': 40, 'total_steps': 40, 'wall_time_sec': 123.0,
+             'eval': {'linear_test_acc': 0.8}}
+  (source / 'summary.json').write_text(json.dumps(summary))
+  result = dict(fake_result(tune, 0.8), status='completed', overrides=dict(tune.overrides))
+  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
+  reusable = lambda cell: experiments.reusable_pretraining(exp, str(root), str(results), cell)
+
+  assert reusable(final_s0) == str(source)
+  assert reusable(final_s1) is None            # another seed pretrains from scratch
+  assert reusable(tune) is None
+  # The trial was redefined after the tuning run: its pretraining is not this cell's.
+  exp.methods.vicreg.trials = ['variant=smoke, optim.base_lr=3.0', exp.methods.vicreg.trials[1]]
+  redefined = experiments.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
+  assert reusable(next(c for c in redefined if c.method == 'vicreg' and c.seed == 0)) is None
+  exp.methods.vicreg.trials = experiment_config().methods.vicreg.trials
+  # A tuning run stopped early (stop_at_step) is not reused.
+  (source / 'summary.json').write_text(json.dumps(dict(summary, steps=20)))
+  assert reusable(final_s0) is None
+  (source / 'summary.json').write_text(json.dumps(summary))
+
+  runner = experiments.Runner(exp, str(root), str(results), parallel=1, total=1, done=0)
+  workdir = root / final_s0.name
+  workdir.mkdir()
+  experiments.reuse_pretraining(str(source), str(workdir))
+  assert (workdir / 'checkpoints' / '40' / 'state').read_text() == 'weights'
+  assert (workdir / 'metrics.jsonl').read_text() == '{"step": 40}\n'
+  assert reusable(final_s0) is None            # the cell's own checkpoints are never replaced
+  runner.record(final_s0, dict(summary, config={}, eval={'linear_test_acc': 0.79},
+                               wall_time_sec=20.0), 'abc')
+  recorded = experiments.load_results(str(results), exp)[final_s0.name]
+  assert recorded['pretraining_from'] == {'cell': tune.name, 'wall_time_sec': 123.0}
+  assert recorded['wall_time_sec'] is None and recorded['eval_wall_time_sec'] == 20.0
+  assert recorded['evaluated_on'] == 'test'
+
+
 # ------------------------------------------------------ running (real cells)
 
 @pytest.mark.slow   # about 2.5 minutes on 2 cores: three processes, each compiling and evaluating
@@ -186,6 +233,11 @@ def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypa
   assert recorded['vicreg__tune0__s0']['steps'] == 40
   assert recorded['vicreg__tune0__s0']['evaluated_on'] == 'validation'
   assert recorded['vicreg__final__s0']['evaluated_on'] == 'test'
+  # The final cell at the tuning seed restored the tuning run's last checkpoint
+  # and only evaluated it.
+  assert recorded['vicreg__final__s0']['pretraining_from']['cell'] == 'vicreg__tune0__s0'
+  final_log = open(os.path.join(root, 'vicreg__final__s0', 'log.txt')).read()
+  assert 'resuming at step 40' in final_log
   assert os.path.exists(os.path.join(results, 'tiny.md'))
 
   # A second call starts nothing: every cell has a result file, even with
