@@ -153,8 +153,12 @@ def make_train_step(*, graphdef: nnx.GraphDef, objective: Callable, tx, probe_tx
         embedding_std=jnp.mean(jnp.std(z, axis=0)),
         embedding_std_normalized=jnp.mean(jnp.std(
             z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12), axis=0)),
-        effective_rank=jax.lax.cond((state.step + 1) % log_every == 0,  # logged steps
-                                    estimators.effective_rank, lambda _: jnp.nan, z))
+        # Only on logged steps (an SVD per step costs). Other steps give 0, which
+        # no rank can be and nobody reads: a NaN there would trip jax_debug_nans
+        # at step 0 and make it useless for finding a real divergence.
+        effective_rank=jax.lax.cond((state.step + 1) % log_every == 0,
+                                    estimators.effective_rank,
+                                    lambda z: jnp.zeros((), z.dtype), z))
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         probe_params=probe_params, probe_opt_state=probe_opt_state,

@@ -197,7 +197,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   assert again['steps'] == saved_step + 2
 
 
-def _step_on(mesh, config, state_host, batch_host):
+def _step_on(mesh, config, state_host, batch_host, log_every=1):
   spec_mean, spec_std = (0.286,), (0.353,)
   objective = objectives.build_objective(config.loss.terms)
   model = models.create_model(config.model, 1, with_predictor=False, seed=0)
@@ -209,7 +209,7 @@ def _step_on(mesh, config, state_host, batch_host):
       graphdef=graphdef, objective=objective, tx=tx, probe_tx=probe_tx,
       views=augment.views_from_config('fashion_mnist'), image_size=28, mean=spec_mean,
       std=spec_std, crop_on_device=True, schedule=schedule, total_steps=10, tau_base=None,
-      log_every=1)
+      log_every=log_every)
   state = jax.device_put(state_host, sharding.replicated(mesh))
   batch = jax.device_put(batch_host, sharding.batch_sharding(mesh))
   new_state, metrics = jax.jit(step)(state, batch)
@@ -235,6 +235,25 @@ def test_data_parallel_step_equals_single_device_step():
   for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert float(metrics_one['loss']) == pytest.approx(float(metrics_eight['loss']), rel=1e-5)
+
+
+def test_unlogged_steps_produce_no_nan_so_jax_debug_nans_stays_usable():
+  """JAX_DEBUG_NANS=1 is how one finds where a diverging run first makes a NaN."""
+  config = smoke_config('vicreg')
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  _, state = train_step_lib.create_train_state(
+      model, optim.make_optimizer(config.optim, optim.make_schedule(config.optim, 16, 10, 1)),
+      optax.sgd(0.1, momentum=0.9), num_classes=10, seed=0, with_target=False)
+  state = jax.device_get(state)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+  mesh = sharding.make_mesh(1)
+  with jax.debug_nans(True):
+    _, unlogged = _step_on(mesh, config, state, batch, log_every=2)   # step 0 is not logged
+    _, logged = _step_on(mesh, config, state, batch, log_every=1)
+  assert float(unlogged['effective_rank']) == 0.0   # not computed: 0, which no rank can be
+  assert 1.0 <= float(logged['effective_rank']) <= 16.0
 
 
 def test_byol_target_is_an_ema_and_gets_no_gradient(tmp_path):
