@@ -284,7 +284,9 @@ def reusable_pretraining(experiment, root: str, results: str, cell: Cell) -> Opt
   with open(result_file) as f:
     result = json.load(f)
   summary = finished_summary(source)
-  if (result.get('status') != 'completed' or result.get('overrides') != dict(tune.overrides)
+  # (Result files of the grid's first cells have no 'status'; a completed one has metrics.)
+  if (result.get('status', 'completed') != 'completed' or not result.get('metrics')
+      or result.get('overrides') != dict(tune.overrides)
       or summary is None or summary.get('steps') != summary.get('total_steps')):
     return None
   return source

@@ -173,6 +173,14 @@ def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_pat
 
   assert reusable(final_s0) == str(source)
   assert reusable(final_s1) is None            # another seed pretrains from scratch
+  # Result files written before results had a 'status' count by their metrics.
+  del result['status']
+  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
+  assert reusable(final_s0) == str(source)
+  diverged = dict(result, status='diverged', metrics={})
+  experiments.write_json(experiments.result_path(str(results), exp, tune), diverged)
+  assert reusable(final_s0) is None
+  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
   assert reusable(tune) is None
   # The trial was redefined after the tuning run: its pretraining is not this cell's.
   exp.methods.vicreg.trials = ['variant=smoke, optim.base_lr=3.0', exp.methods.vicreg.trials[1]]
