@@ -15,6 +15,7 @@ Two stages, one protocol (README, "The comparison"):
          final seed, evaluated on the test split. At the tuning seed the
          pretraining is the chosen trial's own: its checkpoint is restored
          (when ROOT still has it) and only evaluated on the test split.
+         A method whose every trial diverged has no final cells.
 
 Each cell is an ordinary `python -m ssl_jax.main` run in ROOT/<cell>, with
 its full config saved there. A finished cell writes a small result file
@@ -134,11 +135,17 @@ def tuning_cells(experiment) -> list[Cell]:
   return cells
 
 
-def final_cells(experiment, chosen: dict[str, Optional[int]]) -> list[Cell]:
-  """Seed-major; a method whose tuning is unfinished has trial -1 (not ready)."""
+def final_cells(experiment, chosen: dict[str, Optional[int]],
+                skip: frozenset[str] = frozenset()) -> list[Cell]:
+  """Seed-major; a method whose tuning is unfinished has trial -1 (not ready).
+
+  Methods in `skip` (every tuning trial diverged) have no final cells.
+  """
   cells = []
   for seed in experiment.final_seeds:
     for method in experiment.methods:
+      if method in skip:
+        continue
       trial = chosen.get(method)
       overrides = cell_overrides(experiment, method, trial, 'final') if trial is not None else ()
       cells.append(Cell(method, 'final', -1 if trial is None else trial, seed,
@@ -203,6 +210,20 @@ def choose_trials(experiment, results: dict[str, dict]) -> dict[str, Optional[in
       continue
     chosen[method] = None
   return chosen
+
+
+def all_trials_diverged(experiment, results: dict[str, dict]) -> frozenset[str]:
+  """Methods whose every tuning trial has a result and none trained (all diverged).
+
+  Such a method has no setting to run at the final seeds: its final cells are
+  not run, and its claims are reported as not reproduced at this budget.
+  """
+  out = set()
+  for method in experiment.methods:
+    names = [c.name for c in tuning_cells(experiment) if c.method == method]
+    if names and all(results.get(n, {}).get('status') == 'diverged' for n in names):
+      out.add(method)
+  return frozenset(out)
 
 
 def git_commit() -> str:
@@ -408,8 +429,9 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
   """Runs this shard's unfinished cells, tuning before final; resumable."""
   def plan():
     recorded = load_results(results, experiment)
-    cells = tuning_cells(experiment) + final_cells(experiment,
-                                                   choose_trials(experiment, recorded))
+    cells = tuning_cells(experiment) + final_cells(
+        experiment, choose_trials(experiment, recorded),
+        skip=all_trials_diverged(experiment, recorded))
     return recorded, in_shard(cells, shard)
 
   recorded, mine = plan()
@@ -523,6 +545,9 @@ def metric(result: dict[str, Any], name: str) -> float:
 def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
   """Tuning choices, final means with intervals, and paired differences."""
   chosen = choose_trials(experiment, results)
+  diverged = all_trials_diverged(experiment, results)
+  for method in diverged:
+    chosen[method] = None
   final: dict[str, dict[str, Any]] = {}
   for method in experiment.methods:
     rows = [r for r in results.values() if r['method'] == method and r['stage'] == 'final'
@@ -531,7 +556,8 @@ def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
     # Cells that reused their tuning run's pretraining only evaluated: not counted.
     stats['wall_time_sec'] = mean_ci([r['wall_time_sec'] for r in rows
                                       if r.get('wall_time_sec') is not None])
-    final[method] = {'seeds': sorted(r['seed'] for r in rows), 'stats': stats}
+    final[method] = {'seeds': sorted(r['seed'] for r in rows), 'stats': stats,
+                     'all_trials_diverged': method in diverged}
   claims = []
   for variant, base in CLAIMS:
     if variant not in experiment.methods or base not in experiment.methods:
@@ -543,6 +569,9 @@ def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
       mean, half, n = paired(by_seed(variant, name), by_seed(base, name))
       entry[name] = {'mean_diff': mean, 'ci95_half': half, 'n': n,
                        'verdict': verdict(mean, half, n)}
+      if variant in diverged:
+        entry[name]['verdict'] = ('not reproduced: every tuning trial of the variant diverged '
+                                  '(non-finite loss) at this budget')
     claims.append(entry)
   ks = {knn_k(r['metrics']) for r in results.values()} - {None}
   return {'chosen_trial': chosen, 'final': final, 'claims': claims,
@@ -587,6 +616,10 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
             'H pairwise upper | H pairwise lower | H Gaussian | wall time (min) |',
             '|---|---|---|---|---|---|---|---|---|---|']
   for method, entry in summary['final'].items():
+    if entry.get('all_trials_diverged'):
+      lines.append(f'| {method} | 0 | every tuning trial diverged: no setting to run at the '
+                   'final seeds | | | | | | | |')
+      continue
     s = entry['stats']
     wall = s['wall_time_sec']
     lines.append(

@@ -85,6 +85,34 @@ def test_a_diverged_trial_is_recorded_never_chosen_and_shown():
   assert experiments.choose_trials(exp, results) == {'vicreg': 0, 'vicreg_it': 0}
   table = experiments.markdown(exp, results, experiments.summarise(exp, results))
   assert '| vicreg | 1 | variant=smoke, optim.base_lr=1.0 | diverged (non-finite loss) |' in table
+  assert experiments.all_trials_diverged(exp, results) == frozenset()
+
+
+def test_a_method_whose_every_trial_diverged_gets_no_final_cells_and_fails_its_claim():
+  exp = experiment_config()
+  tune = {c.name: c for c in experiments.tuning_cells(exp)}
+  log = 'ssl_jax.train.NonFiniteLossError: Non-finite loss (nan) at step 76\n'
+  results = {'vicreg__tune0__s0': fake_result(tune['vicreg__tune0__s0'], 0.7),
+             'vicreg__tune1__s0': fake_result(tune['vicreg__tune1__s0'], 0.72),
+             'vicreg_it__tune0__s0': experiments.diverged_result(
+                 tune['vicreg_it__tune0__s0'], log, 60.0, 'abc')}
+  skip = experiments.all_trials_diverged(exp, results)
+  assert skip == frozenset({'vicreg_it'})
+  finals = experiments.final_cells(exp, experiments.choose_trials(exp, results), skip=skip)
+  assert {c.method for c in finals} == {'vicreg'} and all(c.trial == 1 for c in finals)
+  summary = experiments.summarise(exp, results)
+  assert summary['chosen_trial'] == {'vicreg': 1, 'vicreg_it': None}
+  assert summary['final']['vicreg_it']['all_trials_diverged']
+  claim = summary['claims'][0]
+  assert (claim['variant'], claim['base']) == ('vicreg_it', 'vicreg')
+  assert claim['linear_test_acc']['verdict'].startswith('not reproduced: every tuning trial')
+  table = experiments.markdown(exp, results, summary)
+  assert '| vicreg_it | 0 | every tuning trial diverged' in table
+  # A method with one trial still unfinished is not given up on.
+  del results['vicreg__tune1__s0']
+  results['vicreg__tune0__s0'] = experiments.diverged_result(
+      tune['vicreg__tune0__s0'], log, 60.0, 'abc')
+  assert 'vicreg' not in experiments.all_trials_diverged(exp, results)
 
 
 @pytest.mark.parametrize('shards', [1, 2, 3])
