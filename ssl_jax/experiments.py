@@ -62,6 +62,9 @@ _README = flags.DEFINE_string('readme', 'README.md',
                               'by the tables (skipped when it has no such block).')
 
 # Paired comparisons the paper claims: (entropy variant, its base method).
+# A method whose test features' effective rank is below a quarter of this
+# method's counts as dimensionally collapsed (the grid's acceptance criterion).
+COLLAPSE_REFERENCE = 'vicreg'
 CLAIMS = (('vicreg_it', 'vicreg'), ('vicreg_pairdist', 'vicreg'),
           ('byol_logdet', 'byol'), ('byol_pairdist', 'byol'))
 SELECTION_METRIC = 'linear_test_acc'   # in tuning cells, accuracy on the validation split
@@ -628,6 +631,16 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
         f'| {_num(*s["entropy_logdet"][:2])} | {_num(*s["entropy_pairwise_upper"][:2])} '
         f'| {_num(*s["entropy_pairwise_lower"][:2])} | {_num(*s["entropy_gaussian"][:2])} '
         f'| {_num(wall[0] / 60, wall[1] / 60)} |')
+  base_rank = summary['final'].get(COLLAPSE_REFERENCE, {}).get('stats', {}).get(
+      'effective_rank', (math.nan,))[0]
+  shares = [(m, e['stats']['effective_rank'][0] / base_rank)
+            for m, e in summary['final'].items()
+            if m != COLLAPSE_REFERENCE and e['seeds'] and not math.isnan(base_rank)]
+  if shares:
+    lines += ['', f'Dimensional collapse check, mean effective rank as a share of '
+              f'{COLLAPSE_REFERENCE}\'s: ' + ', '.join(f'{m} {v:.2f}' for m, v in shares)
+              + '. Below 0.25 counts as collapsed: '
+              + (', '.join(m for m, v in shares if v < 0.25) or 'none') + '.']
   if any(r.get('pretraining_from') for r in results.values()):
     lines += ['', f'At seed {experiment.tune_seed}, a final cell restores its chosen tuning '
               'run\'s checkpoint (the same pretraining) and only evaluates it on the test split; '

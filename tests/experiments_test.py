@@ -165,12 +165,24 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
   assert summary['chosen_trial'] == {'vicreg': 0, 'vicreg_it': 0}
   table = (tmp_path / 'tiny.md').read_text()
   assert '| vicreg | 3 | 81.00 ± 2.48 |' in table
+  # fake_result gives every method rank 10: a share of 1.00 of vicreg's.
+  assert ("share of vicreg's: vicreg_it 1.00. Below 0.25 counts as collapsed: none." in table)
   assert (tmp_path / 'tiny.png').stat().st_size > 0
   text = readme.read_text()   # the README block is regenerated, the rest kept
   assert 'old' not in text and '| vicreg | 3 | 81.00 ± 2.48 |' in text
   assert text.startswith('# ssl_jax\nbefore\n') and text.endswith('after\n')
   assert '### Final' in text
   assert len(json.loads((tmp_path / 'tiny.json').read_text())['cells']) == len(cells)
+
+
+def test_a_method_below_a_quarter_of_vicregs_effective_rank_is_named_collapsed():
+  exp = experiment_config()
+  cells = experiments.tuning_cells(exp) + experiments.final_cells(exp, {'vicreg': 0,
+                                                                      'vicreg_it': 0})
+  results = {c.name: fake_result(c, 0.8, rank=(2.0 if c.method == 'vicreg_it' else 10.0))
+             for c in cells}
+  table = experiments.markdown(exp, results, experiments.summarise(exp, results))
+  assert "share of vicreg's: vicreg_it 0.20. Below 0.25 counts as collapsed: vicreg_it." in table
 
 
 def test_verdicts():
