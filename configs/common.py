@@ -73,7 +73,9 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
                 # batches depend on it, not on the process count.
                 input_shards=0)
   c.aug = dict(preset='fashion_mnist', view_a=_view_overrides(), view_b=_view_overrides())
-  c.model = dict(encoder=dict(name='small_cnn', width=1.0, stem='cifar'),
+  # encoder.channels: small_cnn's per-layer widths, e.g. '32-64-128-512' ('': its
+  # default 32-64-128-256); ResNets take only the width multiplier.
+  c.model = dict(encoder=dict(name='small_cnn', width=1.0, stem='cifar', channels=''),
                  projector='1024-1024-1024', predictor='1024-256', dtype='float32',
                  # 'auto': im2col matmuls on CPU (ssl_jax/conv.py), lax.conv on GPU/TPU.
                  conv_route='auto')
@@ -149,7 +151,7 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
     c.diagnostics.num_images = 1024
   if 'smoke' in variants:
     c.data.batch_size, c.data.shuffle_buffer = 16, 64
-    c.model.encoder = dict(name='small_cnn', width=0.25, stem='cifar')
+    c.model.encoder = dict(name='small_cnn', width=0.25, stem='cifar', channels='')
     c.model.projector, c.model.predictor = '32-32', '32-32'
     c.model.dtype = 'float32'
     c.total_epochs, c.total_steps, c.warmup_steps = 0, 3, 1

@@ -31,17 +31,18 @@ from ssl_jax import conv as conv_lib
 Array = jax.Array
 
 
-def parse_mlp_spec(spec: str | Sequence[int]) -> list[int]:
+def parse_mlp_spec(spec: str | Sequence[int], what: str = 'MLP spec',
+                   example: str = '2048-2048-2048') -> list[int]:
   """'2048-2048-256' -> [2048, 2048, 256], with a clear error."""
   if isinstance(spec, str):
     try:
       dims = [int(v) for v in spec.split('-')]
     except ValueError as error:
-      raise ValueError(f"MLP spec must look like '2048-2048-2048', got {spec!r}.") from error
+      raise ValueError(f"{what} must look like {example!r}, got {spec!r}.") from error
   else:
     dims = [int(v) for v in spec]
   if not dims or min(dims) <= 0:
-    raise ValueError(f'MLP spec needs positive layer widths, got {spec!r}.')
+    raise ValueError(f'{what} needs positive layer widths, got {spec!r}.')
   return dims
 
 
@@ -207,11 +208,20 @@ class ResNet(nnx.Module):
 
 
 class SmallCNN(nnx.Module):
-  """Conv(3x3)-BN-ReLU x4, strides 1-2-2-1, global average pool: for 28x28 on a CPU."""
+  """Conv(3x3)-BN-ReLU x4, strides 1-2-2-1, global average pool: for 28x28 on a CPU.
+
+  channels: the four layers' widths before the width multiplier, 32-64-128-256
+  by default; the output has channels[-1] * width features.
+  """
+
+  CHANNELS = (32, 64, 128, 256)
 
   def __init__(self, in_channels: int, *, width: float = 1.0, rngs: nnx.Rngs,
-               dtype: Any = None, conv_fn=lax.conv_general_dilated):
-    chans = [max(1, int(c * width)) for c in (32, 64, 128, 256)]
+               dtype: Any = None, conv_fn=lax.conv_general_dilated,
+               channels: Sequence[int] = CHANNELS):
+    if len(channels) != 4:
+      raise ValueError(f'small_cnn has 4 conv layers; channels needs 4 widths, got {channels}.')
+    chans = [max(1, int(c * width)) for c in channels]
     strides = (1, 2, 2, 1)
     self.convs = nnx.List()
     self.norms = nnx.List()
@@ -253,9 +263,17 @@ def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None,
   """The encoder of `config` (model.encoder); conv_route: 'auto', 'im2col' or 'lax'."""
   name = config.name
   conv_fn = conv_lib.conv_function(conv_route)
+  # channels: '32-64-128-512' widens small_cnn per layer; '' keeps its default.
+  channels = config.get('channels') or ''
   if name == 'small_cnn':
     return SmallCNN(in_channels, width=config.get('width', 1.0), rngs=rngs, dtype=dtype,
-                    conv_fn=conv_fn)
+                    conv_fn=conv_fn,
+                    channels=(parse_mlp_spec(channels, 'model.encoder.channels', '32-64-128-256')
+                              if channels else SmallCNN.CHANNELS))
+  if channels:
+    raise ValueError(f'model.encoder.channels={channels!r} applies to small_cnn only; '
+                     f'{name} takes a width multiplier (model.encoder.width). Set '
+                     "--config.model.encoder.channels=''.")
   if name.startswith('resnet') and name[6:].isdigit():
     return ResNet(int(name[6:]), in_channels, stem=config.get('stem', 'cifar'),
                   width=config.get('width', 1.0), rngs=rngs, dtype=dtype, conv_fn=conv_fn)

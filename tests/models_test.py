@@ -53,7 +53,21 @@ def test_batchnorm_uses_batch_statistics_in_training():
   assert jnp.allclose(z1, z2, atol=1e-3)
 
 
+def test_small_cnn_channels_set_each_layer_width_times_the_multiplier():
+  model = models.create_model(model_config('small_cnn', width=0.5, channels='8-16-32-48'), 1,
+                              with_predictor=False, seed=0)
+  assert [conv.kernel.shape[-1] for conv in model.encoder.convs] == [4, 8, 16, 24]
+  assert model(jnp.ones((2, 28, 28, 1)), train=True)['features'].shape == (2, 24)
+  # '' is the default 32-64-128-256.
+  default = models.create_model(model_config('small_cnn', width=0.25, channels=''), 1,
+                                with_predictor=False, seed=0)
+  assert default.encoder.out_features == 64
+
+
 @pytest.mark.parametrize('config,message', [
+    (model_config('small_cnn', channels='8-16-32'), 'channels needs 4 widths'),
+    (model_config('small_cnn', channels='8-16-x-32'), 'model.encoder.channels must look like'),
+    (model_config('resnet18', channels='8-16-32-64'), 'applies to small_cnn only'),
     (model_config('vgg'), "Unknown encoder 'vgg'"),
     (model_config('resnet20'), 'ResNet depth must be one of'),
     (model_config('resnet18', stem='tiny'), "stem must be 'cifar' or 'imagenet'"),
