@@ -1,14 +1,18 @@
 """Time to accuracy: the default recipe's linear-probe accuracy at wall-clock budgets.
 
   python benchmarks/time_to_accuracy.py [--budgets 5,10,20,30] \
-      [--contenders lax/glibc,im2col/tcmalloc] [--root runs/time_to_accuracy]
+      [--contenders lax/glibc/cnn256-b256,im2col/tcmalloc/cnn256-b256] \
+      [--root runs/time_to_accuracy]
 
-For every contender (conv route / allocator, as in benchmarks/train_step.py:
-`lax/glibc` is the step before the CPU work, `im2col/tcmalloc` what
-`python -m ssl_jax.main` runs today on a CPU with tcmalloc) and budget B
-minutes, it runs the default command (configs/vicreg_it.py) with the number
-of steps that fits in B minutes, schedule and all, and reports the final
-linear-probe and kNN test accuracy. The budget is the pretraining command's
+A contender is conv route / allocator / recipe. Route and allocator are as in
+benchmarks/train_step.py: `lax/glibc` is the step before the CPU work,
+`im2col/tcmalloc` what `python -m ssl_jax.main` runs today on a CPU with
+tcmalloc. The recipe names a set of config overrides (RECIPES below) on top of
+configs/vicreg_it.py, spelled out in full so that a later change of the
+default cannot change what a recipe's finished runs mean. For every contender
+and budget B minutes, it runs the default command with the number of steps
+that fits in B minutes, schedule and all, and reports the final linear-probe
+and kNN test accuracy. The budget is the pretraining command's
 wall clock: start-up, compilation, training and checkpoints, everything but
 the final evaluation, which is reported beside it.
 
@@ -35,8 +39,23 @@ CALIBRATION_STEPS = 60
 TOLERANCE = 0.03   # a run more than 3% over its budget is refitted and run again
 TRAIN_IMAGES = 60_000   # Fashion-MNIST's training split, the default's pretraining set
 
+# Recipes: what differs between them, as --config overrides of configs/vicreg_it.py.
+RECIPES = {
+    # The default recipe until 2026-11-22: small CNN 32-64-128-256, batch 256.
+    'cnn256-b256': dict(channels='32-64-128-256', batch_size=256),
+}
 
-def run_cell(root: str, name: str, route: str, malloc: str, steps: int,
+
+def recipe_overrides(recipe: str) -> list[str]:
+  if recipe not in RECIPES:
+    raise SystemExit(f'Unknown recipe {recipe!r}; known: {sorted(RECIPES)} (benchmarks/'
+                     'time_to_accuracy.py RECIPES).')
+  r = RECIPES[recipe]
+  return [f'--config.model.encoder.channels={r["channels"]}',
+          f'--config.data.batch_size={r["batch_size"]}']
+
+
+def run_cell(root: str, name: str, route: str, malloc: str, recipe: str, steps: int,
              evaluate: bool = True) -> dict:
   """Runs (or reuses) one ssl_jax.main run; returns its summary with 'pretrain_sec'."""
   workdir = os.path.join(root, name)
@@ -51,8 +70,12 @@ def run_cell(root: str, name: str, route: str, malloc: str, steps: int,
   env.pop('LD_PRELOAD', None)
   command = [sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py',
              f'--workdir={workdir}', f'--config.total_steps={steps}',
-             f'--config.model.conv_route={route}', f'--config.eval.enabled={evaluate}']
-  print(f'  {name}: {steps} steps ...', flush=True)
+             f'--config.model.conv_route={route}', f'--config.eval.enabled={evaluate}'
+             ] + recipe_overrides(recipe)
+  # The matmul rate right before the run: runs reused across sessions may come
+  # from machines of different speed, and each row says which.
+  gflops = step_bench.matmul_peak() / 1e9
+  print(f'  {name}: {steps} steps (matmul {gflops:.1f} GFLOP/s) ...', flush=True)
   start = time.time()
   subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,7 +90,8 @@ def run_cell(root: str, name: str, route: str, malloc: str, steps: int,
   rates = [r for r in rates[1:] if r]   # the first interval includes compilation
   batch = summary['config']['data']['batch_size']
   summary = {k: v for k, v in summary.items() if k != 'config'}
-  summary.update(name=name, route=route, malloc=malloc, wall_sec=wall, batch_size=batch,
+  summary.update(name=name, route=route, malloc=malloc, recipe=recipe, wall_sec=wall,
+                 batch_size=batch, matmul_gflops=gflops,
                  pretrain_sec=wall - (summary.get('eval_time_sec') or 0.0),
                  sec_per_step=batch / statistics.median(rates) if rates else None)
   with open(record, 'w') as f:
@@ -96,7 +120,8 @@ def steps_within(seconds: float, runs: list[dict]) -> int:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--budgets', default='5,10,20,30', help='minutes, comma-separated')
-  parser.add_argument('--contenders', default='lax/glibc,im2col/tcmalloc')
+  parser.add_argument('--contenders',
+                      default='lax/glibc/cnn256-b256,im2col/tcmalloc/cnn256-b256')
   parser.add_argument('--root', default='runs/time_to_accuracy')
   parser.add_argument('--results', default='results/time_to_accuracy')
   args = parser.parse_args()
@@ -106,20 +131,25 @@ def main():
   print(machine, flush=True)
   rows = []
   for contender in args.contenders.split(','):
-    route, malloc = contender.split('/')
+    try:
+      route, malloc, recipe = contender.split('/')
+    except ValueError:
+      raise SystemExit(f'A contender is route/allocator/recipe, e.g. '
+                       f'im2col/tcmalloc/cnn256-b256; got {contender!r}.') from None
+    recipe_overrides(recipe)   # fail before any run on an unknown recipe
     tag = contender.replace('/', '_')
-    done = [run_cell(args.root, f'{tag}__calibration', route, malloc, CALIBRATION_STEPS,
-                     evaluate=False)]
+    done = [run_cell(args.root, f'{tag}__calibration', route, malloc, recipe,
+                     CALIBRATION_STEPS, evaluate=False)]
     for budget in budgets:
       steps = steps_within(budget * 60, done)
       if steps < 10:
         print(f'  {budget:g} min: too short for {contender} ({steps} steps)')
         continue
-      cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, steps)
+      cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, recipe, steps)
       done.append(cell)
       if cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE):
         # Over budget: run it again with the steps refitted on this run too.
-        cell = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc,
+        cell = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc, recipe,
                         steps_within(budget * 60, done))
         done.append(cell)
       rows.append(dict(contender=contender, budget_min=budget, steps=cell['steps'],
@@ -130,22 +160,31 @@ def main():
                        raw_pixels=cell.get('baseline_raw_pixels', {}).get('linear_test_acc'),
                        random_init=cell.get('baseline_random_init', {}).get('linear_test_acc'),
                        eval_min=(cell.get('eval_time_sec') or 0) / 60,
-                       sec_per_step=cell['sec_per_step']))
+                       sec_per_step=cell['sec_per_step'],
+                       matmul_gflops=cell.get('matmul_gflops')))
       print(f'  {budget:g} min: {rows[-1]}', flush=True)
   os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
   with open(args.results + '.json', 'w') as f:
     json.dump({'machine': machine, 'matmul_gflops': peak / 1e9, 'rows': rows}, f, indent=1)
-  lines = [f'Time to accuracy, default recipe (configs/vicreg_it.py), on {machine}.', '',
-           '| contender | budget | steps (epochs) | pretraining time | linear probe | kNN-20 |',
-           '|---|---|---|---|---|---|']
+  lines = [f'Time to accuracy of configs/vicreg_it.py with the recipes of '
+           f'benchmarks/time_to_accuracy.py, on {machine} (now; each row gives the rate '
+           'measured right before its run).', '',
+           '| route/allocator/recipe | budget | steps (epochs) | pretraining time | linear probe '
+           '| kNN-20 | matmul GFLOP/s |', '|---|---|---|---|---|---|---|']
   for r in rows:
+    rate = f'{r["matmul_gflops"]:.1f}' if r.get('matmul_gflops') else 'not recorded'
     lines.append(f'| {r["contender"]} | {r["budget_min"]:g} min | {r["steps"]} '
                  f'({r["epochs"]:.1f}) | {r["pretrain_min"]:.1f} min | {r["linear"]:.2%} | '
-                 f'{r["knn20"]:.2%} |')
+                 f'{r["knn20"]:.2%} | {rate} |')
   if rows:
-    lines += ['', f'Baselines: raw pixels {rows[0]["raw_pixels"]:.2%}, random init '
-              f'{rows[0]["random_init"]:.2%} (linear probe). The final evaluation (not in '
-              'the budget) took about ' f'{statistics.median(r["eval_min"] for r in rows):.1f} min.']
+    lines.append('')
+    for recipe in dict.fromkeys(r['contender'].split('/')[2] for r in rows):
+      first = next(r for r in rows if r['contender'].endswith('/' + recipe))
+      lines.append(f'- {recipe} ({", ".join(recipe_overrides(recipe))}): baselines raw pixels '
+                   f'{first["raw_pixels"]:.2%}, random init {first["random_init"]:.2%} '
+                   '(linear probe).')
+    lines += ['', 'The final evaluation (not in the budget) took about '
+              f'{statistics.median(r["eval_min"] for r in rows):.1f} min.']
   with open(args.results + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
