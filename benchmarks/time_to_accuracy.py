@@ -104,6 +104,17 @@ def run_cell(root: str, name: str, route: str, malloc: str, recipe: str, steps: 
   return summary
 
 
+def finished_runs(root: str, tag: str, exclude: str) -> list[dict]:
+  """The records of the finished runs of contender `tag` under `root`."""
+  runs = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    record = os.path.join(root, name, 'time_to_accuracy.json')
+    if name.startswith(tag + '__') and name != exclude and os.path.exists(record):
+      with open(record) as f:
+        runs.append(json.load(f))
+  return runs
+
+
 def steps_within(seconds: float, runs: list[dict]) -> int:
   """Steps whose pretraining should take `seconds`, from the runs so far.
 
@@ -145,18 +156,24 @@ def main():
     tag = contender.replace('/', '_')
     done = [run_cell(args.root, f'{tag}__calibration', route, malloc, recipe,
                      CALIBRATION_STEPS, evaluate=False)]
+    # Every finished run of this contender fits the step count, also those of
+    # budgets not asked for this time: the calibration alone misses the periodic
+    # work (online probe, diagnostics, checkpoints) and overshoots long budgets.
+    done += finished_runs(args.root, tag, exclude=f'{tag}__calibration')
     for budget in budgets:
       steps = steps_within(budget * 60, done)
       if steps < 10:
         print(f'  {budget:g} min: too short for {contender} ({steps} steps)')
         continue
       cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, recipe, steps)
-      done.append(cell)
+      if cell not in done:
+        done.append(cell)
       if cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE):
         # Over budget: run it again with the steps refitted on this run too.
         cell = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc, recipe,
                         steps_within(budget * 60, done))
-        done.append(cell)
+        if cell not in done:
+          done.append(cell)
       rows.append(dict(contender=contender, budget_min=budget, steps=cell['steps'],
                        pretrain_min=cell['pretrain_sec'] / 60,
                        epochs=cell['steps'] * cell['batch_size'] / TRAIN_IMAGES,
