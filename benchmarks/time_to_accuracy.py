@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import train_step as step_bench   # benchmarks/: matmul_peak, cpu_name
 
@@ -61,13 +62,18 @@ def recipe_overrides(recipe: str) -> list[str]:
 
 
 def run_cell(root: str, name: str, route: str, malloc: str, recipe: str, steps: int,
-             evaluate: bool = True) -> dict:
-  """Runs (or reuses) one ssl_jax.main run; returns its summary with 'pretrain_sec'."""
+             evaluate: bool = True, report_only: bool = False) -> Optional[dict]:
+  """Runs (or reuses) one ssl_jax.main run; returns its summary with 'pretrain_sec'.
+
+  With report_only, a run that has not finished is not started: None.
+  """
   workdir = os.path.join(root, name)
   record = os.path.join(workdir, 'time_to_accuracy.json')
   if os.path.exists(record):
     with open(record) as f:
       return json.load(f)
+  if report_only:
+    return None
   if os.path.exists(workdir):
     # A partial run would resume and so mis-time itself: start it again.
     subprocess.run(['rm', '-rf', workdir], check=True)
@@ -140,6 +146,9 @@ def main():
                       default='lax/glibc/cnn256-b256,im2col/tcmalloc/cnn256-b256')
   parser.add_argument('--root', default='runs/time_to_accuracy')
   parser.add_argument('--results', default='results/time_to_accuracy')
+  parser.add_argument('--report_only', action='store_true',
+                      help='tabulate the finished runs; start none (an over-budget run '
+                           'without its refit is shown as such)')
   args = parser.parse_args()
   budgets = [float(b) for b in args.budgets.split(',')]
   peak = step_bench.matmul_peak()
@@ -154,8 +163,12 @@ def main():
                        f'im2col/tcmalloc/cnn256-b256; got {contender!r}.') from None
     recipe_overrides(recipe)   # fail before any run on an unknown recipe
     tag = contender.replace('/', '_')
-    done = [run_cell(args.root, f'{tag}__calibration', route, malloc, recipe,
-                     CALIBRATION_STEPS, evaluate=False)]
+    calibration = run_cell(args.root, f'{tag}__calibration', route, malloc, recipe,
+                           CALIBRATION_STEPS, evaluate=False, report_only=args.report_only)
+    if calibration is None:
+      print(f'  {contender}: not run')
+      continue
+    done = [calibration]
     # Every finished run of this contender fits the step count, also those of
     # budgets not asked for this time: the calibration alone misses the periodic
     # work (online probe, diagnostics, checkpoints) and overshoots long budgets.
@@ -165,15 +178,21 @@ def main():
       if steps < 10:
         print(f'  {budget:g} min: too short for {contender} ({steps} steps)')
         continue
-      cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, recipe, steps)
+      cell = run_cell(args.root, f'{tag}__{budget:g}min', route, malloc, recipe, steps,
+                      report_only=args.report_only)
+      if cell is None:
+        print(f'  {budget:g} min: not run for {contender}')
+        continue
       if cell not in done:
         done.append(cell)
       if cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE):
         # Over budget: run it again with the steps refitted on this run too.
-        cell = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc, recipe,
-                        steps_within(budget * 60, done))
-        if cell not in done:
-          done.append(cell)
+        refit = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc, recipe,
+                         steps_within(budget * 60, done), report_only=args.report_only)
+        if refit is not None:
+          cell = refit
+          if cell not in done:
+            done.append(cell)
       rows.append(dict(contender=contender, budget_min=budget, steps=cell['steps'],
                        pretrain_min=cell['pretrain_sec'] / 60,
                        epochs=cell['steps'] * cell['batch_size'] / TRAIN_IMAGES,
@@ -183,6 +202,7 @@ def main():
                        random_init=cell.get('baseline_random_init', {}).get('linear_test_acc'),
                        eval_min=(cell.get('eval_time_sec') or 0) / 60,
                        sec_per_step=cell['sec_per_step'],
+                       over_budget=cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE),
                        matmul_gflops=cell.get('matmul_gflops')))
       print(f'  {budget:g} min: {rows[-1]}', flush=True)
   os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
@@ -196,7 +216,9 @@ def main():
   for r in rows:
     rate = f'{r["matmul_gflops"]:.1f}' if r.get('matmul_gflops') else 'not recorded'
     lines.append(f'| {r["contender"]} | {r["budget_min"]:g} min | {r["steps"]} '
-                 f'({r["epochs"]:.1f}) | {r["pretrain_min"]:.1f} min | {r["linear"]:.2%} | '
+                 f'({r["epochs"]:.1f}) | {r["pretrain_min"]:.1f} min'
+                 f'{" (over budget, not refitted)" if r.get("over_budget") else ""} | '
+                 f'{r["linear"]:.2%} | '
                  f'{r["knn20"]:.2%} | {rate} |')
   if rows:
     lines.append('')
