@@ -17,8 +17,11 @@ to the entropy term.
 
 import ml_collections
 
+# The encoder is pinned to the small CNN the grid ran with (32-64-128-256), the
+# default before the 512-wide last layer, so that resuming or extending the grid
+# (more seeds) runs the same model as its finished cells.
 SHARED = ('data.holdout=10000, total_steps=300, eval.baselines=False, '
-          'eval.online_every_steps=0')
+          'eval.online_every_steps=0, model.encoder.channels=32-64-128-256')
 
 LOGDET = 'loss.terms.logdet_entropy'
 PAIRWISE = 'loss.terms.pairwise_entropy'
