@@ -110,6 +110,10 @@ def run_cell(root: str, name: str, route: str, malloc: str, recipe: str, steps: 
   return summary
 
 
+def over_budget(cell: dict, budget_min: float) -> bool:
+  return cell['pretrain_sec'] > budget_min * 60 * (1 + TOLERANCE)
+
+
 def finished_runs(root: str, tag: str, exclude: str) -> list[dict]:
   """The records of the finished runs of contender `tag` under `root`."""
   runs = []
@@ -185,7 +189,7 @@ def main():
         continue
       if cell not in done:
         done.append(cell)
-      if cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE):
+      if over_budget(cell, budget):
         # Over budget: run it again with the steps refitted on this run too.
         refit = run_cell(args.root, f'{tag}__{budget:g}min_refit', route, malloc, recipe,
                          steps_within(budget * 60, done), report_only=args.report_only)
@@ -202,7 +206,7 @@ def main():
                        random_init=cell.get('baseline_random_init', {}).get('linear_test_acc'),
                        eval_min=(cell.get('eval_time_sec') or 0) / 60,
                        sec_per_step=cell['sec_per_step'],
-                       over_budget=cell['pretrain_sec'] > budget * 60 * (1 + TOLERANCE),
+                       over_budget=over_budget(cell, budget),
                        matmul_gflops=cell.get('matmul_gflops')))
       print(f'  {budget:g} min: {rows[-1]}', flush=True)
   os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)

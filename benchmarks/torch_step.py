@@ -44,8 +44,7 @@ class BasicBlock(nn.Module):
 def encoder(config, in_channels: int) -> tuple[nn.Module, int]:
   name, width = config.name, config.get('width', 1.0)
   if name == 'small_cnn':
-    channels = config.get('channels') or '32-64-128-256'
-    chans = [max(1, int(int(c) * width)) for c in channels.split('-')]
+    chans = [max(1, int(c * width)) for c in models.small_cnn_channels(config)]
     layers, cin = [], in_channels
     for cout, stride in zip(chans, (1, 2, 2, 1)):
       layers += _conv_bn_relu(cin, cout, stride)

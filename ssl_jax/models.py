@@ -258,19 +258,23 @@ class SSLModel(nnx.Module):
     return out
 
 
+def small_cnn_channels(config) -> tuple[int, ...]:
+  """small_cnn's per-layer widths from model.encoder.channels ('' keeps the default)."""
+  channels = config.get('channels') or ''
+  if not channels:
+    return SmallCNN.CHANNELS
+  return tuple(parse_mlp_spec(channels, 'model.encoder.channels', '32-64-128-256'))
+
+
 def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None,
                    conv_route: str = 'auto') -> nnx.Module:
   """The encoder of `config` (model.encoder); conv_route: 'auto', 'im2col' or 'lax'."""
   name = config.name
   conv_fn = conv_lib.conv_function(conv_route)
-  # channels: '32-64-128-512' widens small_cnn per layer; '' keeps its default.
-  channels = config.get('channels') or ''
   if name == 'small_cnn':
     return SmallCNN(in_channels, width=config.get('width', 1.0), rngs=rngs, dtype=dtype,
-                    conv_fn=conv_fn,
-                    channels=(parse_mlp_spec(channels, 'model.encoder.channels', '32-64-128-256')
-                              if channels else SmallCNN.CHANNELS))
-  if channels:
+                    conv_fn=conv_fn, channels=small_cnn_channels(config))
+  if channels := config.get('channels'):
     raise ValueError(f'model.encoder.channels={channels!r} applies to small_cnn only; '
                      f'{name} takes a width multiplier (model.encoder.width). Set '
                      "--config.model.encoder.channels=''.")
