@@ -6,6 +6,8 @@ training loop calls it unconditionally.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -69,7 +71,7 @@ class MetricWriter:
   @staticmethod
   def _write_events(writer, row) -> None:
     import tensorflow as tf
-    with writer.as_default(step=int(row['step'])):
+    with _tf_errors_as_oserror(), writer.as_default(step=int(row['step'])):
       for k, v in row.items():
         if k != 'step' and math.isfinite(v):
           tf.summary.scalar(k, v)
@@ -95,12 +97,26 @@ class MetricWriter:
     if not self.enabled:
       return
     import tensorflow as tf
-    with self._tb.as_default(step=0):
+    with _tf_errors_as_oserror(), self._tb.as_default(step=0):
       tf.summary.text(name, text)
 
   def flush(self) -> None:
     if self._tb is not None:
-      self._tb.flush()
+      with _tf_errors_as_oserror():
+        self._tb.flush()
+
+
+@contextlib.contextmanager
+def _tf_errors_as_oserror():
+  """TensorBoard's writer reports a full disk as tf.errors.ResourceExhaustedError
+  (seen in CI), not OSError: re-raise TF's I/O failures as OSError, so that the
+  training loop turns every failed write into the same clear error."""
+  import tensorflow as tf
+  try:
+    yield
+  except tf.errors.OpError as error:
+    code = errno.ENOSPC if 'No space left' in str(error) else errno.EIO
+    raise OSError(code, f'TensorBoard event file: {error.message}') from error
 
 
 class Throughput:

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +266,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f'{where}. The bad state was not saved. Lower optim.base_lr, raise the warm-up, '
             'or check the loss weights; resuming restarts from that checkpoint.')
 
+    def write_metrics(write: Callable[[], None], what: str) -> None:
+      try:
+        write()
+      except OSError as error:
+        # A full disk may hit metrics.jsonl or the TensorBoard events before the
+        # background checkpoint save reports it: name the failed save first if any.
+        checkpointing.wait(manager)
+        raise checkpointing.write_error(manager, error, what) from error
+
     with StopRequest().installed() as stop, bar:
       step = start_step
       while step < min(stop_at, total_steps):
@@ -286,14 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if monitor is not None and (diag := monitor(step, state)):
             scalars.update(diag)
             throughput.rate()
-          try:
-            writer.write_scalars(step, scalars)
-          except OSError as error:
-            # A full disk may hit metrics.jsonl before the background checkpoint
-            # save reports it: name the failed save first if there is one.
-            checkpointing.wait(manager)
-            raise checkpointing.write_error(
-                manager, error, f'Writing the metrics of step {step} to {writer.path}') from error
+          write_metrics(lambda: writer.write_scalars(step, scalars),
+                        f'Writing the metrics of step {step} to {writer.path}')
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',
                           img_s=f'{scalars["images_per_sec"]:.0f}')
@@ -309,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       status = f'stopped at step {step} (stop_at_step)'
     if last_saved != step:
       checkpointing.save(manager, state, config, force=True)
-    writer.flush()
+    write_metrics(writer.flush, f'Flushing the TensorBoard events beside {writer.path}')
   checkpointing.wait(manager)
   final_step = int(jax.device_get(state.step))
   train_seconds = time.time() - start_time

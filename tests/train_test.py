@@ -396,6 +396,30 @@ def test_full_disk_hitting_the_metrics_file_first_gives_the_same_clear_error(
   assert params_of(workdir, None, step=4)[0] == 4
 
 
+def test_full_disk_hitting_the_tensorboard_events_first_gives_the_same_clear_error(
+    tmp_path, monkeypatch):
+  # TensorBoard's writer reports a full disk as tf.errors.ResourceExhaustedError,
+  # not OSError (seen in CI when it filled the small tmpfs before the save did).
+  import tensorflow as tf
+  original = tf.summary.scalar
+
+  def fills_at_step_6(name, data, step=None, description=None):
+    if tf.summary.experimental.get_step() >= 6:
+      raise tf.errors.ResourceExhaustedError(
+          None, None, 'events.out.tfevents.x; No space left on device')
+    return original(name, data, step=step, description=description)
+
+  monkeypatch.setattr(tf.summary, 'scalar', fills_at_step_6)
+  config = smoke_config('vicreg', total_steps=40, keep_checkpoints=100,
+                        **{'eval.enabled': False})
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'metrics of step 6 .*disk is full.*TensorBoard event file'
+                           r'.*steps \[2, 4\]\) are intact.*resume from step 4'):
+    train.train_and_evaluate(config, workdir)
+  assert params_of(workdir, None, step=4)[0] == 4
+
+
 @pytest.mark.parametrize('override,message', [
     ('--config.data.nme=3', 'nme'),
     ('--config.data.batch_size=12', 'multiple of the device count'),
