@@ -5,14 +5,16 @@ Why: XLA's CPU convolutions run at a fraction of the machine's matmul rate
 matmul per layer reaches the peak. On CPU we therefore express every
 convolution, forward and backward, as a patches-times-weights matmul:
 
-  forward   y  [B, Ho, Wo, O] = patches(x)  [B, Ho, Wo, k*k*C] @ W [k*k*C, O]
-  d weights dW [k*k*C, O]     = patches(x)^T @ dy     (the forward patches, reused)
-  d input   dx [B, H, W, C]   = patches(dilate(dy)) [B, H, W, k*k*O] @ flip(W)^T [k*k*O, C]
+  forward   y  [B, Ho, Wo, O]   = patches(x) [B, Ho, Wo, k*k*C] @ W [k*k*C, O]
+  d weights dW [k*k*C, O]       = patches(x)^T @ dy   (the forward patches, reused)
+  d input   dx [B, H, W, C]     = col2im(dy [B, Ho, Wo, O] @ W^T [O, k*k*C])
 
-The input gradient is itself a stride-1 convolution of the cotangent with the
-spatially flipped, in/out-transposed kernel. A stride s is handled by
-dilating the cotangent (s - 1 zeros between its entries, `lax.pad`'s interior
-padding) rather than by scattering slices, so it is again one matmul.
+The input gradient is one matmul of the cotangent with the transposed kernel,
+whose k*k*C wide product is added back into place by `col2im`, the adjoint
+of `patches`: k*k pads (a stride s is their interior padding, s - 1 zeros)
+summed in one fused pass, not a scatter of slices. Patches of the cotangent
+(the route of a transposed convolution) would be k*k*O wide and built by
+copies; the small CNN's O is twice its C.
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated`
 and is handed to `nnx.Conv(conv_general_dilated=...)`: parameters, their
@@ -143,26 +145,43 @@ def _out_size(n: int, k: int, s: int, pad: tuple[int, int]) -> int:
   return (n + pad[0] + pad[1] - k) // s + 1
 
 
-def _phase_taps(n: int, k: int, s: int, lo: int, out: int):
-  """Sub-pixel split of the input gradient along one axis.
+def col2im(cols: Array, in_hw: tuple[int, int], strides: tuple[int, int],
+           pads: Sequence[tuple[int, int]]) -> Array:
+  """The adjoint of `patches`: cols [B, Ho, Wo, kh, kw, C] -> [B, H, W, C].
 
-  Input index i = s*m + r receives dy[o] * w[t] for o*s + t - lo = i, i.e.
-  taps t = r + lo (mod s) at cotangent offset d = (r + lo - t) / s: for each
-  phase r, dx[s*m + r] = sum_t dy[m + d_t] w[t], a stride-1 correlation of
-  the undilated cotangent. This equals correlating the dilated cotangent
-  with the flipped kernel, without the s - 1 of every s zero rows.
-
-  Returns (phases, size, pre, post): phases[r] = [(t, d_t), ...], size =
-  ceil(n / s) rows per phase, and the zero padding of dy so that every
-  m + d_t for m < size is a valid index.
+  Input pixel i (along one axis) receives cols[o, t] for every o*s + t - lo = i.
+  Each tap t is one `lax.pad` of cols[:, :, :, th, tw]: low padding t - lo,
+  interior padding s - 1 (the stride), high padding up to H (negative pads
+  crop). XLA fuses the kh*kw pads and their sum into one elementwise pass over
+  the output, with no scatter and no intermediate per tap.
   """
-  size = -(-n // s)
-  phases = [[(t, (r + lo - t) // s) for t in range(k) if (t - r - lo) % s == 0]
-            for r in range(s)]
-  offsets = [d for taps in phases for _, d in taps] or [0]
-  pre = max(0, -min(offsets))
-  post = max(0, size - 1 + max(offsets) - (out - 1))
-  return phases, size, pre, post
+  _, ho, wo, kh, kw, _ = cols.shape
+  h, w = in_hw
+  (sh, sw), (lo_h, lo_w) = strides, (pads[0][0], pads[1][0])
+  out = None
+  for th in range(kh):
+    for tw in range(kw):
+      low_h, low_w = th - lo_h, tw - lo_w
+      tap = lax.pad(cols[:, :, :, th, tw, :], jnp.zeros((), cols.dtype), (
+          (0, 0, 0),
+          (low_h, h - low_h - (ho - 1) * sh - 1, sh - 1),
+          (low_w, w - low_w - (wo - 1) * sw - 1, sw - 1),
+          (0, 0, 0)))
+      out = tap if out is None else out + tap
+  return out
+
+
+def _saves_patches(chunks: int) -> bool:
+  """Whether the forward pass keeps its patches for the weight gradient.
+
+  When one chunk holds the whole batch's patches (the small CNN's layers under
+  tcmalloc), keeping them costs their memory from the forward to the backward
+  pass but saves rebuilding them. When the patches are chunked (large images
+  or batches, glibc's small chunks; see CHUNK_BYTES) the backward pass
+  rebuilds each chunk's patches instead: keeping them all is what made a
+  ResNet-18 step outgrow a 24 GB machine.
+  """
+  return chunks == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -178,62 +197,58 @@ def conv2d(x: Array, w: Array, strides: tuple[int, int],
   return y
 
 
+def _patch_chunks(x_shape, w_shape, out_hw, itemsize) -> int:
+  """The batch chunks of a layer: its patches, kh*kw*C per output pixel, bound the size."""
+  kh, kw, c, _ = w_shape
+  return num_chunks(x_shape[0], out_hw[0] * out_hw[1] * kh * kw * c * itemsize)
+
+
 def _conv2d_fwd(x, w, strides, pads):
   kh, kw, c, o = w.shape
   batch, h, wd, _ = x.shape
   ho, wo = _out_size(h, kh, strides[0], pads[0]), _out_size(wd, kw, strides[1], pads[1])
   w_mat = w.reshape(kh * kw * c, o)
+  chunks = _patch_chunks(x.shape, w.shape, (ho, wo), x.dtype.itemsize)
+  if _saves_patches(chunks):
+    cols = patches(x, (kh, kw), strides, pads)
+    return _matmul(cols, w_mat), (x, cols, w)
 
   def chunk(arrays, carry):
     return [_matmul(patches(arrays[0], (kh, kw), strides, pads), w_mat)], carry
 
-  chunks = num_chunks(batch, ho * wo * kh * kw * c * x.dtype.itemsize)
   (y,), _ = _chunked(chunk, [x], [jax.ShapeDtypeStruct((batch, ho, wo, o), x.dtype)], chunks)
   # The input, not the patches, is the residual: the backward pass rebuilds
-  # each chunk's patches in cache, which costs less than writing 9x the
-  # activations to memory and reading them back.
-  return y, (x, w)
+  # each chunk's patches in cache.
+  return y, (x, None, w)
 
 
 def _conv2d_bwd(strides, pads, residuals, dy):
-  x, w = residuals
+  """dW = patches(x)^T @ dy; dx = col2im(dy @ W^T).
+
+  The input gradient multiplies the cotangent by the transposed kernel
+  ([.., O] @ [O, kh*kw*C]: the forward matmul's FLOPs, strides included) and
+  adds the products back into place with `col2im`. Its intermediate is
+  kh*kw*C wide and written once by the matmul, where patches of the
+  cotangent would be kh*kw*O wide and built by copies.
+  """
+  x, saved_cols, w = residuals
   kh, kw, c, o = w.shape
-  batch, h, wd, _ = x.shape
+  h, wd = x.shape[1:3]
   ho, wo = dy.shape[1:3]
-  ph, size_h, pre_h, post_h = _phase_taps(h, kh, strides[0], pads[0][0], ho)
-  pw, size_w, pre_w, post_w = _phase_taps(wd, kw, strides[1], pads[1][0], wo)
-  sh, sw = strides
-  # One weight matrix per phase: rows ordered (tap_h, tap_w, o) like patches().
-  w_t = w.transpose(0, 1, 3, 2)  # [kh, kw, O, C]
-  phase_weights = {
-      (rh, rw): jnp.stack([w_t[th, tw] for th, _ in ph[rh] for tw, _ in pw[rw]]).reshape(-1, c)
-      for rh in range(sh) for rw in range(sw) if ph[rh] and pw[rw]}
+  w_t = w.reshape(kh * kw * c, o).T   # [O, kh*kw*C], columns ordered (i, j, c)
 
   def chunk(arrays, dw):
-    x_c, dy_c = arrays
+    x_c, dy_c = arrays[:2]
+    cols = arrays[2] if saved_cols is not None else patches(x_c, (kh, kw), strides, pads)
     # dW = patches^T @ dy, contracting batch and both spatial axes.
-    cols = patches(x_c, (kh, kw), strides, pads)
     dw = dw + lax.dot_general(cols.reshape(-1, cols.shape[-1]), dy_c.reshape(-1, o),
                               (((0,), (0,)), ((), ())))
-    dy_pad = jnp.pad(dy_c, ((0, 0), (pre_h, post_h), (pre_w, post_w), (0, 0)))
-    rows = []
-    for rh in range(sh):
-      cols_of_row = []
-      for rw in range(sw):
-        if (rh, rw) not in phase_weights:  # no tap reaches this phase (1x1, stride 2)
-          cols_of_row.append(jnp.zeros((dy_c.shape[0], size_h, size_w, c), dy_c.dtype))
-          continue
-        windows = [dy_pad[:, pre_h + dh:pre_h + dh + size_h, pre_w + dw_:pre_w + dw_ + size_w]
-                   for _, dh in ph[rh] for _, dw_ in pw[rw]]
-        phase_cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, -1)
-        cols_of_row.append(_matmul(phase_cols, phase_weights[(rh, rw)]))
-      rows.append(jnp.stack(cols_of_row, 3))        # [b, size_h, sw, size_w, C]
-    dx_c = jnp.stack(rows, 2)                        # [b, size_h, sh, size_w, sw, C]
-    dx_c = dx_c.reshape(dx_c.shape[0], size_h * sh, size_w * sw, c)[:, :h, :wd]
-    return [dx_c], dw
+    dcols = _matmul(dy_c, w_t).reshape(dy_c.shape[0], ho, wo, kh, kw, c)
+    return [col2im(dcols, (h, wd), strides, pads)], dw
 
-  chunks = num_chunks(batch, h * wd * kh * kw * o * x.dtype.itemsize // (sh * sw))
-  (dx,), dw = _chunked(chunk, [x, dy], [jax.ShapeDtypeStruct(x.shape, x.dtype)], chunks,
+  chunks = _patch_chunks(x.shape, w.shape, (ho, wo), x.dtype.itemsize)
+  arrays = [x, dy] + ([saved_cols] if saved_cols is not None else [])
+  (dx,), dw = _chunked(chunk, arrays, [jax.ShapeDtypeStruct(x.shape, x.dtype)], chunks,
                        carry=jnp.zeros((kh * kw * c, o), jnp.float32))
   return dx, dw.reshape(w.shape).astype(w.dtype)
 

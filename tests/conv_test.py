@@ -60,6 +60,23 @@ def test_gradients_match_finite_differences_in_float64():
     check_grads(f, (x, kernel), order=1, modes=['rev'])
 
 
+@pytest.mark.parametrize('h,w,c,o,k,stride,padding', CASES)
+def test_col2im_is_the_adjoint_of_patches(h, w, c, o, k, stride, padding):
+  # <patches(x), g> = <x, col2im(g)> for every x and g: col2im is exactly the
+  # transpose of the linear map patches, which is what the input gradient needs.
+  del o
+  pads = lax.padtype_to_pads((h, w), (k, k), (stride, stride), padding) if isinstance(
+      padding, str) else padding
+  x = jax.random.normal(jax.random.key(0), (2, h, w, c), jnp.float32)
+  cols = conv.patches(x, (k, k), (stride, stride), pads)
+  g = jax.random.normal(jax.random.key(1), cols.shape, jnp.float32)
+  back = conv.col2im(g.reshape(cols.shape[:3] + (k, k, c)), (h, w), (stride, stride), pads)
+  assert back.shape == x.shape
+  _, vjp = jax.vjp(lambda x: conv.patches(x, (k, k), (stride, stride), pads), x)
+  np.testing.assert_allclose(back, vjp(g)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.vdot(cols, g), jnp.vdot(x, back), rtol=1e-4)
+
+
 @pytest.mark.parametrize('chunk_bytes', [1, 2048, 1 << 30])
 def test_batch_chunking_does_not_change_the_result(monkeypatch, chunk_bytes):
   # 1 byte: one image per loop iteration; 1 GiB: the whole batch at once.
