@@ -372,49 +372,40 @@ def test_disk_filling_during_a_save_gives_a_clear_error_and_keeps_earlier_checkp
     subprocess.run(['umount', '-l', str(mount)], check=False)
 
 
-def test_full_disk_hitting_the_metrics_file_first_gives_the_same_clear_error(
-    tmp_path, monkeypatch):
-  # On a full disk the append to metrics.jsonl can fail before the background
-  # checkpoint save reports its own failure (seen in CI): the run must stop with
-  # the same error, naming the intact checkpoints, not a bare OSError.
-  from ssl_jax import metrics
-  original = metrics.MetricWriter.write_scalars
-
-  def fills_at_step_6(self, step, scalars):
-    if step >= 6:
-      raise OSError(28, 'No space left on device')
-    return original(self, step, scalars)
-
-  monkeypatch.setattr(metrics.MetricWriter, 'write_scalars', fills_at_step_6)
-  config = smoke_config('vicreg', total_steps=40, keep_checkpoints=100,
-                        **{'eval.enabled': False})
-  workdir = str(tmp_path / 'run')
-  with pytest.raises(checkpointing.CheckpointWriteError,
-                     match=r'metrics of step 6 .*disk is full.*steps \[2, 4\]\) are intact'
-                           r'.*resume from step 4'):
-    train.train_and_evaluate(config, workdir)
-  assert params_of(workdir, None, step=4)[0] == 4
-
-
-def test_full_disk_hitting_the_tensorboard_events_first_gives_the_same_clear_error(
-    tmp_path, monkeypatch):
-  # TensorBoard's writer reports a full disk as tf.errors.ResourceExhaustedError,
-  # not OSError (seen in CI when it filled the small tmpfs before the save did).
+@pytest.mark.parametrize('writer', ['metrics.jsonl', 'tensorboard'])
+def test_full_disk_hitting_a_metrics_writer_first_gives_the_same_clear_error(
+    writer, tmp_path, monkeypatch):
+  # On a full disk the metrics writers can fail before the background checkpoint
+  # save reports its own failure (both seen in CI): the run must stop with the
+  # same error, naming the intact checkpoints, not a bare OSError or, from
+  # TensorBoard's writer, a tf.errors.ResourceExhaustedError.
   import tensorflow as tf
-  original = tf.summary.scalar
+  from ssl_jax import metrics
+  if writer == 'metrics.jsonl':
+    original_write = metrics.MetricWriter.write_scalars
 
-  def fills_at_step_6(name, data, step=None, description=None):
-    if tf.summary.experimental.get_step() >= 6:
-      raise tf.errors.ResourceExhaustedError(
-          None, None, 'events.out.tfevents.x; No space left on device')
-    return original(name, data, step=step, description=description)
+    def write_scalars(self, step, scalars):
+      if step >= 6:
+        raise OSError(28, 'No space left on device')
+      return original_write(self, step, scalars)
 
-  monkeypatch.setattr(tf.summary, 'scalar', fills_at_step_6)
+    monkeypatch.setattr(metrics.MetricWriter, 'write_scalars', write_scalars)
+  else:
+    original_scalar = tf.summary.scalar
+
+    def scalar(name, data, step=None, description=None):
+      if tf.summary.experimental.get_step() >= 6:
+        raise tf.errors.ResourceExhaustedError(
+            None, None, 'events.out.tfevents.x; No space left on device')
+      return original_scalar(name, data, step=step, description=description)
+
+    monkeypatch.setattr(tf.summary, 'scalar', scalar)
   config = smoke_config('vicreg', total_steps=40, keep_checkpoints=100,
                         **{'eval.enabled': False})
   workdir = str(tmp_path / 'run')
+  named = '' if writer == 'metrics.jsonl' else '.*TensorBoard event file'
   with pytest.raises(checkpointing.CheckpointWriteError,
-                     match=r'metrics of step 6 .*disk is full.*TensorBoard event file'
+                     match=r'metrics of step 6 .*disk is full' + named +
                            r'.*steps \[2, 4\]\) are intact.*resume from step 4'):
     train.train_and_evaluate(config, workdir)
   assert params_of(workdir, None, step=4)[0] == 4
