@@ -1,4 +1,4 @@
-"""Training-step speed: lax.conv, im2col, the allocator, and PyTorch side by side.
+"""Training-step speed: lax.conv, im2col, Winograd, the allocator, and PyTorch side by side.
 
   python benchmarks/train_step.py [--rounds 5] [--steps 3] [--resnet] [--torch]
 
@@ -10,8 +10,10 @@ images, so the input pipeline is not measured (benchmarks/input_pipeline.py).
 
 Contenders: `lax/glibc` is the step as it was before the CPU work
 (nnx.Conv's lax.conv, glibc malloc); `im2col/glibc` adds the im2col route;
-`im2col/tcmalloc` is what `python -m ssl_jax.main` runs on a CPU with
-tcmalloc installed (ssl_jax/allocator.py). The allocator is fixed when a
+`im2col/tcmalloc` adds tcmalloc (ssl_jax/allocator.py); `winograd/tcmalloc`
+computes the 3x3 stride-1 layers by Winograd F(4x4, 3x3) and the others by
+im2col (ssl_jax/winograd.py): what `python -m ssl_jax.main` runs on a CPU
+with tcmalloc installed. The allocator is fixed when a
 process starts, so every contender runs in its own worker process.
 
 Speeds are compared only within one run on one machine: the contenders are
@@ -19,7 +21,9 @@ timed in alternating rounds (`--steps` steps each, one worker at a time,
 the others idle) and the median seconds per step of each is reported, so a
 machine that slows down or speeds up during the run affects all alike. The
 step's FLOPs come from XLA's cost analysis of the lax route's compiled step
-(the model FLOPs; im2col does the same arithmetic); the peak is a measured
+(the model FLOPs; im2col does the same arithmetic, Winograd fewer
+multiplies for the same result, so its utilisation is an effective one, as
+for every fast convolution algorithm); the peak is a measured
 float32 matmul (4096^3). Utilisation = model FLOP/s / peak.
 
 --torch adds the same encoder, projector and VICReg-IT step in PyTorch
@@ -132,7 +136,7 @@ def worker(setting: str, route: str) -> None:
 
 
 class Worker:
-  """A contender in its own process: `route` in {lax, im2col, torch}, `malloc` in
+  """A contender in its own process: `route` in {lax, im2col, winograd, torch}, `malloc` in
   {glibc, tcmalloc}."""
 
   def __init__(self, setting: str, route: str, malloc: str):
@@ -185,7 +189,8 @@ def main():
   parser.add_argument('--steps', type=int, default=3, help='steps per timed round')
   parser.add_argument('--resnet', action='store_true', help='also the ResNet-18 CIFAR step')
   parser.add_argument('--torch', action='store_true', help='also PyTorch (needs torch)')
-  parser.add_argument('--contenders', default='lax/glibc,im2col/glibc,im2col/tcmalloc',
+  parser.add_argument('--contenders',
+                      default='lax/glibc,im2col/glibc,im2col/tcmalloc,winograd/tcmalloc',
                       help='comma-separated route/allocator pairs; the first is the baseline')
   parser.add_argument('--worker', nargs=2, metavar=('SETTING', 'ROUTE'), help=argparse.SUPPRESS)
   args = parser.parse_args()

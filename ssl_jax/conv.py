@@ -16,12 +16,17 @@ summed in one fused pass, not a scatter of slices. Patches of the cotangent
 (the route of a transposed convolution) would be k*k*O wide and built by
 copies; the small CNN's O is twice its C.
 
-`conv_general_dilated` has the signature of `jax.lax.conv_general_dilated`
-and is handed to `nnx.Conv(conv_general_dilated=...)`: parameters, their
-names, shapes and initialisers stay those of `nnx.Conv`, so checkpoints do
-not depend on the route. On GPU and TPU, `lax.conv` (cuDNN, the TPU's
-convolution units) stays the faster choice; `resolve_route('auto')` picks by
-backend and `model.conv_route` can force either.
+Routes (`model.conv_route`):
+- 'winograd' (the CPU default): 3x3 stride-1 layers by Winograd's F(4x4, 3x3)
+  (ssl_jax/winograd.py: 4x fewer matmul FLOPs), every other layer by im2col;
+- 'im2col': every layer by im2col;
+- 'lax': `lax.conv_general_dilated`, the choice on GPU and TPU (cuDNN, the
+  TPU's convolution units); 'auto' picks by backend.
+
+The route functions have the signature of `jax.lax.conv_general_dilated` and
+are handed to `nnx.Conv(conv_general_dilated=...)`: parameters, their names,
+shapes and initialisers stay those of `nnx.Conv`, so checkpoints do not
+depend on the route.
 """
 
 from __future__ import annotations
@@ -34,25 +39,27 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssl_jax import allocator
+from ssl_jax import winograd
 
 Array = jax.Array
 
-ROUTES = ('auto', 'im2col', 'lax')
+ROUTES = ('auto', 'winograd', 'im2col', 'lax')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def resolve_route(route: str) -> str:
-  """'auto' -> 'im2col' on CPU, 'lax' on GPU/TPU; checks the name."""
+  """'auto' -> 'winograd' on CPU, 'lax' on GPU/TPU; checks the name."""
   if route not in ROUTES:
     raise ValueError(f'model.conv_route must be one of {ROUTES}, got {route!r}.')
   if route == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'lax'
+    return 'winograd' if jax.default_backend() == 'cpu' else 'lax'
   return route
 
 
 def conv_function(route: str):
   """The function to pass as `nnx.Conv(conv_general_dilated=...)` for a route."""
-  return conv_general_dilated if resolve_route(route) == 'im2col' else lax.conv_general_dilated
+  return {'winograd': conv_general_dilated_winograd, 'im2col': conv_general_dilated,
+          'lax': lax.conv_general_dilated}[resolve_route(route)]
 
 
 def patches(x: Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
@@ -256,17 +263,9 @@ def _conv2d_bwd(strides, pads, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
-                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None,
-                         out_sharding=None) -> Array:
-  """`lax.conv_general_dilated` through im2col for the NHWC 2-D case.
-
-  Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
-  'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
-  Anything else is passed on to `lax.conv_general_dilated` unchanged.
-  """
+def _conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, batch_group_count, precision,
+          preferred_element_type, out_sharding, use_winograd: bool) -> Array:
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   nhwc = lhs.ndim == 4 and rhs.ndim == 4 and dimension_numbers is not None and (
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -284,4 +283,38 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
   else:
     pads = padding
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-  return conv2d(lhs, rhs.astype(lhs.dtype), strides, pads)
+  rhs = rhs.astype(lhs.dtype)
+  if use_winograd and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
+    return winograd.conv3x3(lhs, rhs, pads)
+  return conv2d(lhs, rhs, strides, pads)
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None,
+                         out_sharding=None) -> Array:
+  """`lax.conv_general_dilated` through im2col for the NHWC 2-D case (route 'im2col').
+
+  Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
+  'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
+  Anything else is passed on to `lax.conv_general_dilated` unchanged.
+  """
+  return _conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+               dimension_numbers, feature_group_count, batch_group_count, precision,
+               preferred_element_type, out_sharding, use_winograd=False)
+
+
+def conv_general_dilated_winograd(lhs: Array, rhs: Array, window_strides, padding,
+                                  lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                                  feature_group_count: int = 1, batch_group_count: int = 1,
+                                  precision=None, preferred_element_type=None,
+                                  out_sharding=None) -> Array:
+  """As `conv_general_dilated`, with 3x3 stride-1 layers by Winograd (route 'winograd').
+
+  `winograd.supports` decides per layer: 3x3 kernels at stride 1, float32 or
+  float64, at least 8 channels in and out. Other layers go through im2col.
+  """
+  return _conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+               dimension_numbers, feature_group_count, batch_group_count, precision,
+               preferred_element_type, out_sharding, use_winograd=True)

@@ -1,4 +1,7 @@
-"""The im2col convolution route against lax.conv: values, gradients, devices, encoders."""
+"""The CPU convolution routes (im2col, Winograd) against lax.conv: values, gradients,
+devices, encoders."""
+
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ssl_jax import conv
 from ssl_jax import models
 from ssl_jax import sharding
+from ssl_jax import winograd
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -27,22 +31,35 @@ CASES = [
     (16, 16, 3, 4, 7, 2, 'SAME'), (9, 9, 3, 4, 3, 1, 'VALID'), (10, 10, 3, 4, 3, 2, 'VALID'),
     (5, 5, 2, 3, 3, 3, 'SAME'), (6, 7, 2, 3, 3, 2, ((2, 0), (1, 1))),
 ]
+# 3x3 stride-1 layers with at least 8 channels, which the 'winograd' route
+# computes by Winograd: the small CNN's last layer and ResNet's block convs at
+# the channel counts they use, sizes that are and are not multiples of the
+# 4x4 output tile (1x1 to 9x11 outputs), VALID and uneven explicit padding.
+WINOGRAD_CASES = [
+    (7, 7, 8, 16, 3, 1, 'SAME'), (7, 7, 128, 256, 3, 1, 'SAME'), (8, 8, 64, 64, 3, 1, 'SAME'),
+    (4, 4, 32, 16, 3, 1, 'SAME'), (1, 1, 16, 8, 3, 1, 'SAME'), (9, 11, 8, 12, 3, 1, 'SAME'),
+    (9, 9, 8, 8, 3, 1, 'VALID'), (3, 3, 8, 8, 3, 1, 'VALID'), (6, 7, 8, 9, 3, 1, ((2, 0), (1, 1))),
+]
+ROUTE_FUNCTIONS = {'im2col': conv.conv_general_dilated,
+                   'winograd': conv.conv_general_dilated_winograd}
 
 
-def _both(x, w, stride, padding):
+def _both(x, w, stride, padding, route='im2col'):
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
                                               dimension_numbers=NHWC)
-  ours = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding,
-                                                dimension_numbers=NHWC)
+  ours = lambda x, w: ROUTE_FUNCTIONS[route](x, w, (stride, stride), padding,
+                                             dimension_numbers=NHWC)
   return ref, ours
 
 
-@pytest.mark.parametrize('h,w,c,o,k,stride,padding', CASES)
-def test_values_and_gradients_equal_lax_conv(h, w, c, o, k, stride, padding):
+@pytest.mark.parametrize('route,h,w,c,o,k,stride,padding',
+                         [('im2col',) + case for case in CASES + WINOGRAD_CASES]
+                         + [('winograd',) + case for case in CASES + WINOGRAD_CASES])
+def test_values_and_gradients_equal_lax_conv(route, h, w, c, o, k, stride, padding):
   kx, kw, kc = jax.random.split(jax.random.key(h * 100 + c), 3)
   x = jax.random.normal(kx, (3, h, w, c), jnp.float32)
   kernel = jax.random.normal(kw, (k, k, c, o), jnp.float32) / np.sqrt(k * k * c)
-  ref, ours = _both(x, kernel, stride, padding)
+  ref, ours = _both(x, kernel, stride, padding, route)
   y_ref = ref(x, kernel)
   np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=1e-5, atol=1e-5)
   cotangent = jax.random.normal(kc, y_ref.shape, jnp.float32)
@@ -58,6 +75,56 @@ def test_gradients_match_finite_differences_in_float64():
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.float64)
     f = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
     check_grads(f, (x, kernel), order=1, modes=['rev'])
+
+
+def test_winograd_gradients_match_finite_differences_in_float64():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 8), jnp.float64)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 9), jnp.float64)
+    f = lambda x, w: winograd.conv3x3(x, w, ((1, 1), (2, 0)))
+    check_grads(f, (x, kernel), order=1, modes=['rev'])
+
+
+def test_winograd_matrices_compute_the_correlation_exactly():
+  # In rational arithmetic, A^T [(G g) * (B^T d)] is the 1-D correlation
+  # y_i = sum_j g_j d_{i+j} for any filter g and input tile d: the Toom-Cook
+  # construction is exact, and only float round-off separates the route from
+  # a direct convolution.
+  at, g_mat, bt = winograd._matrices(winograd.POINTS)
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    g = [Fraction(int(v)) for v in rng.integers(-9, 10, size=winograd.KERNEL)]
+    d = [Fraction(int(v)) for v in rng.integers(-9, 10, size=winograd.N)]
+    gg, bd = g_mat.dot(g), bt.dot(d)
+    y = at.dot([a * b for a, b in zip(gg, bd)])
+    assert list(y) == [sum(g[j] * d[i + j] for j in range(winograd.KERNEL))
+                       for i in range(winograd.TILE)]
+
+
+def test_winograd_round_off_stays_within_a_few_times_direct_float32():
+  # The 36 transformed products add and subtract terms up to 8x larger than
+  # the result, so Winograd's float32 error exceeds a direct convolution's.
+  # Measured on the small CNN's last layer against a float64 reference:
+  # RMS relative error 1.5e-6 (y) and 2.0e-6 (gradients), direct 3-4e-7.
+  # This bounds it at 10x direct float32, so a change of interpolation points
+  # or transform order that loses accuracy fails here.
+  with jax.enable_x64(True):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (8, 7, 7, 128), jnp.float64)
+    kernel = jax.random.normal(kw, (3, 3, 128, 256), jnp.float64) / np.sqrt(9 * 128)
+    g = jax.random.normal(kg, (8, 7, 7, 256), jnp.float64)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+    ours = lambda x, w: winograd.conv3x3(x, w, ((1, 1), (1, 1)))
+
+    def outputs(f, *args):
+      y, vjp = jax.vjp(f, *args)
+      return (y,) + vjp(g.astype(args[0].dtype))
+
+    exact = outputs(ref, x, kernel)
+    x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    rms = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
+    for direct, wino, truth in zip(outputs(ref, x32, k32), outputs(ours, x32, k32), exact):
+      assert rms(wino, truth) < 10 * max(rms(direct, truth), 1e-7)
 
 
 @pytest.mark.parametrize('h,w,c,o,k,stride,padding', CASES)
@@ -114,14 +181,15 @@ def test_num_chunks_divides_the_batch_and_bounds_the_chunk():
   assert conv.num_chunks(7, 10 ** 9, chunk_bytes=1) == 1
 
 
-def test_sharded_over_eight_devices_equals_one_device():
+@pytest.mark.parametrize('route,stride', [('im2col', 2), ('winograd', 1)])
+def test_sharded_over_eight_devices_equals_one_device(route, stride):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 CPU devices'
   mesh = sharding.make_mesh()   # the training step's 1-D Auto mesh
   x = jax.random.normal(jax.random.key(0), (16, 14, 14, 8), jnp.float32)
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16), jnp.float32) / 8
 
   def loss(x, w):
-    y = conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
+    y = ROUTE_FUNCTIONS[route](x, w, (stride, stride), 'SAME', dimension_numbers=NHWC)
     return jnp.mean(jnp.square(y - jnp.mean(y, 0)))   # a batch statistic: global under jit
 
   value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
@@ -143,18 +211,29 @@ def test_unsupported_cases_fall_back_to_lax_conv():
 
 
 def test_route_names():
-  assert conv.resolve_route('auto') == ('im2col' if jax.default_backend() == 'cpu' else 'lax')
+  assert conv.resolve_route('auto') == ('winograd' if jax.default_backend() == 'cpu' else 'lax')
   assert conv.conv_function('lax') is lax.conv_general_dilated
   assert conv.conv_function('im2col') is conv.conv_general_dilated
+  assert conv.conv_function('winograd') is conv.conv_general_dilated_winograd
   with pytest.raises(ValueError, match="conv_route must be one of"):
-    conv.resolve_route('winograd')
+    conv.resolve_route('fft')
+
+
+def test_winograd_route_takes_only_the_layers_it_supports():
+  f32 = jnp.float32
+  assert winograd.supports((2, 7, 7, 128), (3, 3, 128, 256), (1, 1), ((1, 1), (1, 1)), f32)
+  assert not winograd.supports((2, 28, 28, 1), (3, 3, 1, 32), (1, 1), ((1, 1), (1, 1)), f32)
+  assert not winograd.supports((2, 14, 14, 32), (3, 3, 32, 64), (2, 2), ((1, 1), (1, 1)), f32)
+  assert not winograd.supports((2, 7, 7, 128), (1, 1, 128, 256), (1, 1), ((0, 0), (0, 0)), f32)
+  assert not winograd.supports((2, 7, 7, 128), (3, 3, 128, 256), (1, 1), ((1, 1), (1, 1)),
+                               jnp.bfloat16)
 
 
 @pytest.mark.parametrize('name,stem,size', [
     # BasicBlock (ResNet-18) and Bottleneck (ResNet-50) blocks, both stems, an odd size.
     ('small_cnn', 'cifar', 28), ('resnet18', 'imagenet', 17),
     ('resnet50', 'imagenet', 32)])
-def test_encoders_give_the_same_outputs_and_gradients_on_both_routes(name, stem, size):
+def test_encoders_give_the_same_outputs_and_gradients_on_every_route(name, stem, size):
   def make(route):
     # dtype None: compute in the inputs' dtype (float64 below), not float32.
     encoder = ml_collections.ConfigDict(dict(name=name, stem=stem, width=0.125))
@@ -166,7 +245,7 @@ def test_encoders_give_the_same_outputs_and_gradients_on_both_routes(name, stem,
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (4, size, size, 3), jnp.float64)
     results = {}
-    for route in ('lax', 'im2col'):
+    for route in ('lax', 'im2col', 'winograd'):
       graphdef, params, stats = nnx.split(make(route), nnx.Param, nnx.BatchStat)
       params, stats = jax.tree.map(lambda a: a.astype(jnp.float64), (params, stats))
 
@@ -175,12 +254,14 @@ def test_encoders_give_the_same_outputs_and_gradients_on_both_routes(name, stem,
         return jnp.sum(jnp.square(model(x, train=True)))
 
       results[route] = jax.jit(jax.value_and_grad(loss))(params)
-  (v_lax, g_lax), (v_ours, g_ours) = results['lax'], results['im2col']
-  np.testing.assert_allclose(v_ours, v_lax, rtol=1e-10)
-  # Same parameter tree on both routes: checkpoints do not depend on the route.
-  assert jax.tree.structure(g_ours) == jax.tree.structure(g_lax)
-  # Absolute tolerance relative to the largest gradient entry: some leaves are
-  # analytically zero (biases of Linear layers that BatchNorm follows).
-  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_lax))
-  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_lax)):
-    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9 * scale)
+  v_lax, g_lax = results['lax']
+  for route in ('im2col', 'winograd'):
+    v_ours, g_ours = results[route]
+    np.testing.assert_allclose(v_ours, v_lax, rtol=1e-10)
+    # Same parameter tree on every route: checkpoints do not depend on the route.
+    assert jax.tree.structure(g_ours) == jax.tree.structure(g_lax)
+    # Absolute tolerance relative to the largest gradient entry: some leaves are
+    # analytically zero (biases of Linear layers that BatchNorm follows).
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_lax))
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_lax)):
+      np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9 * scale)
