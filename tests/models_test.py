@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 from ssl_jax import models
 
@@ -51,6 +53,53 @@ def test_batchnorm_uses_batch_statistics_in_training():
   z1 = model(x, train=True)['z']
   z2 = model(2 * x, train=True)['z']
   assert jnp.allclose(z1, z2, atol=1e-3)
+
+
+@pytest.mark.parametrize('shape', [(64, 5, 5, 6), (32, 7)])
+def test_batchnorm_equals_nnx_batchnorm_in_values_gradients_and_running_averages(shape):
+  # models.BatchNorm replaces nnx.BatchNorm's backward pass with a closed
+  # form; everything else must be nnx.BatchNorm's: outputs, gradients with
+  # respect to input, scale and bias, the running averages, variable names.
+  features = shape[-1]
+  kx, ks, kb, kg = jax.random.split(jax.random.key(0), 4)
+  x = 3 + 2 * jax.random.normal(kx, shape)
+  scale = 1 + 0.1 * jax.random.normal(ks, (features,))
+  bias = 0.1 * jax.random.normal(kb, (features,))
+  cotangent = jax.random.normal(kg, shape)
+  results = {}
+  for name, cls in (('nnx', nnx.BatchNorm), ('ours', models.BatchNorm)):
+    layer = cls(features, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    layer.scale[...], layer.bias[...] = scale, bias
+    graphdef, params, stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
+
+    def loss(x, params, graphdef=graphdef, stats=stats):
+      model = nnx.merge(graphdef, params, stats, copy=True)
+      y = model(x, use_running_average=False)
+      return jnp.sum(jnp.sin(y) * cotangent), (y, nnx.state(model, nnx.BatchStat))
+
+    (_, (y, new_stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+    results[name] = y, grads, new_stats
+  (y_ref, g_ref, s_ref), (y, g, s) = results['nnx'], results['ours']
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(g) == jax.tree.structure(g_ref)
+  assert jax.tree.structure(s) == jax.tree.structure(s_ref)
+  for a, b in zip(jax.tree.leaves((g, s)), jax.tree.leaves((g_ref, s_ref))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Inference mode is nnx.BatchNorm's own code.
+  layer = models.BatchNorm(features, rngs=nnx.Rngs(0))
+  reference = nnx.BatchNorm(features, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer(x, use_running_average=True),
+                                reference(x, use_running_average=True))
+
+
+def test_batchnorm_gradients_match_finite_differences_in_float64():
+  # All three outputs (y and the batch statistics) carry gradients here.
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (6, 3, 4), jnp.float64)
+    scale = jnp.linspace(0.5, 1.5, 4)
+    bias = jnp.linspace(-0.2, 0.2, 4)
+    f = lambda x, s, b: models.batch_norm_train(x, s, b, 1e-5)
+    check_grads(f, (x, scale, bias), order=1, modes=['rev'])
 
 
 def test_small_cnn_channels_set_each_layer_width_times_the_multiplier():
