@@ -81,7 +81,8 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   c.model = dict(encoder=dict(name='small_cnn', width=1.0, stem='cifar',
                               channels='32-64-128-512'),
                  projector='1024-1024-1024', predictor='1024-256', dtype='float32',
-                 # 'auto': im2col matmuls on CPU (ssl_jax/conv.py), lax.conv on GPU/TPU.
+                 # 'auto': Winograd and im2col matmuls on CPU (ssl_jax/conv.py), lax.conv on
+                 # GPU/TPU; 'winograd', 'im2col' or 'lax' force one.
                  conv_route='auto')
   if 'predictor' in recipe:
     c.model.projector, c.model.predictor = '1024-256', '1024-256'

@@ -174,7 +174,7 @@ class MLP(nnx.Module):
 def _conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn):
   """A bias-free nnx.Conv ('SAME' padding) whose convolution is `conv_fn`.
 
-  conv_fn is `lax.conv_general_dilated` or ssl_jax.conv's im2col version
+  conv_fn is `lax.conv_general_dilated` or one of ssl_jax.conv's CPU routes
   (model.conv_route); the parameters are nnx.Conv's either way.
   """
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), stride, use_bias=False, dtype=dtype,
@@ -338,7 +338,7 @@ def small_cnn_channels(config) -> tuple[int, ...]:
 
 def create_encoder(config, in_channels: int, rngs: nnx.Rngs, dtype=None,
                    conv_route: str = 'auto') -> nnx.Module:
-  """The encoder of `config` (model.encoder); conv_route: 'auto', 'im2col' or 'lax'."""
+  """The encoder of `config` (model.encoder); conv_route: one of conv.ROUTES."""
   name = config.name
   conv_fn = conv_lib.conv_function(conv_route)
   if name == 'small_cnn':
