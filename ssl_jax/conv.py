@@ -263,9 +263,20 @@ def _conv2d_bwd(strides, pads, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation, rhs_dilation,
-          dimension_numbers, feature_group_count, batch_group_count, precision,
-          preferred_element_type, out_sharding, use_winograd: bool) -> Array:
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None,
+                         out_sharding=None, *, use_winograd: bool = False) -> Array:
+  """`lax.conv_general_dilated` through im2col for the NHWC 2-D case (route 'im2col').
+
+  Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
+  'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
+  Anything else is passed on to `lax.conv_general_dilated` unchanged. With
+  use_winograd (route 'winograd', `conv_general_dilated_winograd`), the layers
+  `winograd.supports` (3x3 kernels at stride 1, float32 or float64, at least
+  8 channels in and out) go through Winograd instead.
+  """
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   nhwc = lhs.ndim == 4 and rhs.ndim == 4 and dimension_numbers is not None and (
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -289,32 +300,5 @@ def _conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation, rhs_dil
   return conv2d(lhs, rhs, strides, pads)
 
 
-def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
-                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None,
-                         out_sharding=None) -> Array:
-  """`lax.conv_general_dilated` through im2col for the NHWC 2-D case (route 'im2col').
-
-  Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
-  'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
-  Anything else is passed on to `lax.conv_general_dilated` unchanged.
-  """
-  return _conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-               dimension_numbers, feature_group_count, batch_group_count, precision,
-               preferred_element_type, out_sharding, use_winograd=False)
-
-
-def conv_general_dilated_winograd(lhs: Array, rhs: Array, window_strides, padding,
-                                  lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                                  feature_group_count: int = 1, batch_group_count: int = 1,
-                                  precision=None, preferred_element_type=None,
-                                  out_sharding=None) -> Array:
-  """As `conv_general_dilated`, with 3x3 stride-1 layers by Winograd (route 'winograd').
-
-  `winograd.supports` decides per layer: 3x3 kernels at stride 1, float32 or
-  float64, at least 8 channels in and out. Other layers go through im2col.
-  """
-  return _conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-               dimension_numbers, feature_group_count, batch_group_count, precision,
-               preferred_element_type, out_sharding, use_winograd=True)
+# Route 'winograd': the same function with Winograd for the layers it supports.
+conv_general_dilated_winograd = functools.partial(conv_general_dilated, use_winograd=True)
