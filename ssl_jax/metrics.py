@@ -64,9 +64,14 @@ class MetricWriter:
           os.remove(os.path.join(self._tb_dir, name))
     if self.history:
       writer = tf.summary.create_file_writer(self._tb_dir)
-      for row in self.history:
-        self._write_events(writer, row)
-      writer.close()
+      try:
+        for row in self.history:
+          self._write_events(writer, row)
+      finally:
+        # close() writes the buffered events: a full disk fails here, and must
+        # fail as the OSError the training loop reports.
+        with _tf_errors_as_oserror():
+          writer.close()
 
   @staticmethod
   def _write_events(writer, row) -> None:

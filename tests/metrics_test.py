@@ -87,3 +87,31 @@ def test_a_damaged_line_in_the_middle_is_an_error(tmp_path):
   import pytest
   with pytest.raises(ValueError, match='line 2'):
     metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+
+
+def test_a_failed_event_rebuild_is_an_oserror(tmp_path, monkeypatch):
+  """A full disk while the resumed run rewrites its TensorBoard events (TF raises
+  its own error type from the writer's close) reaches the caller as OSError."""
+  import pytest
+  import tensorflow as tf
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write_scalars(1, {'loss': 1.0})
+  writer.flush()
+
+  class FullDiskWriter:
+    def __init__(self, inner):
+      self.inner = inner
+
+    def as_default(self, step):
+      return self.inner.as_default(step=step)
+
+    def close(self):
+      self.inner.close()
+      raise tf.errors.ResourceExhaustedError(None, None, 'No space left on device')
+
+  create = tf.summary.create_file_writer
+  monkeypatch.setattr(tf.summary, 'create_file_writer', lambda d: FullDiskWriter(create(d)))
+  with pytest.raises(OSError, match='No space left') as error:
+    metrics.MetricWriter(str(tmp_path), resume_step=1)
+  import errno
+  assert error.value.errno == errno.ENOSPC
