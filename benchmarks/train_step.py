@@ -48,6 +48,7 @@ import numpy as np
 
 from ssl_jax import allocator
 from ssl_jax import input_pipeline
+from ssl_jax import runs
 from ssl_jax import sharding
 from ssl_jax import train
 
@@ -82,7 +83,7 @@ class JaxStep:
   def __init__(self, config):
     mesh = sharding.make_mesh()
     config.log_every_steps = 10 ** 9  # no effective-rank SVD in the timed steps
-    run = train.build(config, mesh)
+    run = runs.build(config, mesh)
     self.step = train.make_step_fn(run, config, mesh)
     spec, self.batch_size = run.spec, run.global_batch
     rng = np.random.default_rng(0)

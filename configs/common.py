@@ -14,7 +14,10 @@ colon picks variants, comma-separated:
 Any value can then be overridden: --config.loss.terms.logdet_entropy.weight=2
 """
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
 
 from ssl_jax import augment
 from ssl_jax import objectives
@@ -50,8 +53,13 @@ def parse_arg(arg):
 
 
 def _view_overrides():
-  # None means "the preset's value"; any field can be set from the command line.
-  return {f: None for f in augment.ViewParams.__dataclass_fields__}
+  """One typed placeholder per augmentation parameter: None means "the preset's value".
+
+  Typed, not bare None: ml_collections cannot infer a command-line type from
+  None, so `--config.aug.view_a.blur_prob=0.5` would be refused.
+  """
+  return {f.name: config_dict.placeholder(tuple if f.default.__class__ is tuple else float)
+          for f in dataclasses.fields(augment.ViewParams)}
 
 
 def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
@@ -66,8 +74,11 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   # holdout: a fixed, class-balanced set of that many train images kept out of
   # pretraining and probe training; eval_on='validation' evaluates on them
   # instead of the test split (hyper-parameter search; configs/experiments/).
-  c.data = dict(name='fashion_mnist', batch_size=256, data_dir=None, shuffle_buffer=60_000,
-                prefetch=2, image_size=None, holdout=0, eval_on='test',
+  # data_dir and image_size are typed placeholders (None: TFDS's default data dir,
+  # the dataset's own size), so that the command line can set them.
+  c.data = dict(name='fashion_mnist', batch_size=256, data_dir=config_dict.placeholder(str),
+                shuffle_buffer=60_000, prefetch=2, image_size=config_dict.placeholder(int),
+                holdout=0, eval_on='test',
                 # input_shards: independently shuffled parts of the split, a
                 # multiple of the process count (0: one per process). The global
                 # batches depend on it, not on the process count.

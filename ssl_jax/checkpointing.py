@@ -41,15 +41,16 @@ def fingerprint(config) -> dict[str, Any]:
 
 
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
-                 keep_period: int = 0) -> ocp.CheckpointManager:
+                 keep_period: int = 0, create: bool = True) -> ocp.CheckpointManager:
   """The workdir's checkpoint manager: the newest max_to_keep checkpoints, plus
   every checkpoint whose step is a multiple of keep_period (> 0), which
-  `ssl_jax.diagnose` reads to draw curves over training without a rerun."""
+  `ssl_jax.diagnose` reads to draw curves over training without a rerun.
+  create=False for readers: nothing is created in the workdir."""
   if keep_period < 0:
     raise ValueError(f'keep_checkpoint_period must be >= 0 (0: off), got {keep_period}.')
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_save,
                                            keep_period=keep_period or None))
 

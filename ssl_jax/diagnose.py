@@ -17,62 +17,114 @@ Runs as one process on all of its local devices.
 """
 
 import dataclasses
+import functools
 import os
+from typing import Any
 
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (with config.json).')
-_RESULTS = flags.DEFINE_string('results', None,
-                               "An experiment's result folder, e.g. results/fmnist_compare.")
-_CHECKPOINTS = flags.DEFINE_string('checkpoints', 'all', "'all', 'last' or steps '100,300'.")
-_NUM_IMAGES = flags.DEFINE_integer('num_images', None,
-                                   'Evaluation images (two views each) for the information '
-                                   'quantities; default 2048.')
-_LOCALITY_IMAGES = flags.DEFINE_integer('locality_images', None, 'K clean images (64).')
-_GAUSS_IMAGES = flags.DEFINE_integer('gauss_images', None, 'Images for the normality test (32).')
-_GAUSS_VIEWS = flags.DEFINE_integer('gauss_views', None, 'Views per image (80).')
-_GAUSS_DIMS = flags.DEFINE_integer('gauss_dims', None,
-                                   'Principal directions tested per image (4; <= views / 10).')
-_PROBE_IMAGES = flags.DEFINE_integer('probe_images', None,
-                                     'Train and test images of the probe (10,000 each).')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Images per forward pass (512).')
+from ssl_jax import cli
 
 
-def settings_from_flags():
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  workdir: Any
+  results: Any
+  checkpoints: Any
+  out: Any
+  num_images: Any
+  locality_images: Any
+  gauss_images: Any
+  gauss_views: Any
+  gauss_dims: Any
+  probe_images: Any
+  batch_size: Any
+  dry_run: Any
+
+
+def define_flags(flag_values: flags.FlagValues) -> Flags:
+  fv = dict(flag_values=flag_values)
+  integer = lambda name, help_: flags.DEFINE_integer(name, None, help_, **fv)
+  return Flags(
+      workdir=flags.DEFINE_string('workdir', None, 'A training workdir (with config.json).',
+                                  **fv),
+      results=flags.DEFINE_string('results', None, "An experiment's result folder, e.g. "
+                                  'results/fmnist_compare.', **fv),
+      checkpoints=flags.DEFINE_string('checkpoints', 'all', "'all', 'last' or steps '100,300'.",
+                                      **fv),
+      out=flags.DEFINE_string('out', None, 'Output folder (default WORKDIR/diagnostics; a '
+                              'workdir that is still training needs another one).', **fv),
+      num_images=integer('num_images', 'Evaluation images (two views each) for the '
+                         'information quantities; default 2048.'),
+      locality_images=integer('locality_images', 'K clean images (64).'),
+      gauss_images=integer('gauss_images', 'Images for the normality test (32).'),
+      gauss_views=integer('gauss_views', 'Views per image (80).'),
+      gauss_dims=integer('gauss_dims', 'Principal directions tested per image (4; <= views '
+                         '/ 10).'),
+      probe_images=integer('probe_images', 'Train and test images of the probe (10,000 each).'),
+      batch_size=integer('batch_size', 'Images per forward pass (512).'),
+      dry_run=flags.DEFINE_bool('dry_run', False, 'Check the workdir (or result folder) and '
+                                'the checkpoints it would diagnose; write nothing.', **fv))
+
+
+def settings_from_flags(f: Flags):
   from ssl_jax import diagnostics
-  changes = {name: flag.value for name, flag in (
-      ('num_images', _NUM_IMAGES), ('locality_images', _LOCALITY_IMAGES),
-      ('gauss_images', _GAUSS_IMAGES), ('gauss_views', _GAUSS_VIEWS), ('gauss_dims', _GAUSS_DIMS),
-      ('batch_size', _BATCH)) if flag.value is not None}
-  if _PROBE_IMAGES.value is not None:
-    changes.update(probe_train_images=_PROBE_IMAGES.value, probe_test_images=_PROBE_IMAGES.value)
+  changes = {name: getattr(f, name).value for name in (
+      'num_images', 'locality_images', 'gauss_images', 'gauss_views', 'gauss_dims',
+      'batch_size') if getattr(f, name).value is not None}
+  if f.probe_images.value is not None:
+    changes.update(probe_train_images=f.probe_images.value,
+                   probe_test_images=f.probe_images.value)
   return dataclasses.replace(diagnostics.Settings(), **changes)
 
 
-def main(argv):
+def dry_run(f: Flags) -> dict:
+  from ssl_jax import diagnostics, runs
+  if f.results.value is not None:
+    files = [n for n in os.listdir(f.results.value) if n.endswith('.json')] if os.path.isdir(
+        f.results.value) else []
+    if not files:
+      raise FileNotFoundError(f'{f.results.value} holds no result files of an experiment grid '
+                              '(python -m ssl_jax.experiments writes them).')
+    print(f'ssl_jax.diagnose dry run: label-free selection over {len(files)} result files in '
+          f'{f.results.value}. Nothing was run or written.', flush=True)
+    return {'cells': len(files)}
+  loaded = runs.load_workdir(f.workdir.value, abstract=True)
+  steps = diagnostics.select_steps(runs.checkpoint_steps(f.workdir.value), f.checkpoints.value)
+  print(f'ssl_jax.diagnose dry run: {loaded.config.method} on {loaded.config.data.name}, '
+        f'steps {steps} of {f.workdir.value} -> '
+        f'{f.out.value or os.path.join(f.workdir.value, "diagnostics")}. Nothing was run or '
+        'written.', flush=True)
+  return {'steps': steps}
+
+
+def main(argv, f: Flags):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if (_WORKDIR.value is None) == (_RESULTS.value is None):
+  if (f.workdir.value is None) == (f.results.value is None):
     raise app.UsageError('Pass exactly one of --workdir (a run) or --results (a grid).')
   from ssl_jax import diagnostics
   from ssl_jax import metrics
   metrics.quiet_library_logs()
-  if _RESULTS.value is not None:
-    prefix = _RESULTS.value.rstrip('/') + '_label_free'
-    out = diagnostics.label_free_selection(_RESULTS.value, prefix)
-    with open(prefix + '.md') as f:
-      print(f.read())
+  if f.dry_run.value:
+    dry_run(f)
+    return
+  if f.results.value is not None:
+    prefix = f.results.value.rstrip('/') + '_label_free'
+    out = diagnostics.label_free_selection(f.results.value, prefix)
+    with open(prefix + '.md') as fh:
+      print(fh.read())
     print(f'ssl_jax.diagnose: {len(out["cells"])} cells -> {prefix}.{{json,md,png}}')
     return
-  record = diagnostics.diagnose_workdir(_WORKDIR.value, checkpoints=_CHECKPOINTS.value,
-                                        settings=settings_from_flags())
+  out_dir = f.out.value or os.path.join(f.workdir.value, 'diagnostics')
+  record = diagnostics.diagnose_workdir(f.workdir.value, checkpoints=f.checkpoints.value,
+                                        settings=settings_from_flags(f), out_dir=out_dir)
   print(diagnostics.summary_text(record))
-  print(f'ssl_jax.diagnose: -> {os.path.join(_WORKDIR.value, "diagnostics")} '
-        f'(diagnostics.json, {len(record.get("figures", []))} figures, tensorboard/)')
+  print(f'ssl_jax.diagnose: -> {out_dir} (diagnostics.json, '
+        f'{len(record.get("figures", []))} figures, tensorboard/)')
 
 
 if __name__ == '__main__':
-  from ssl_jax import allocator
-  allocator.reexec_with_tcmalloc('ssl_jax.diagnose')  # before JAX starts: see allocator.py
-  app.run(main)
+  cli.start('ssl_jax.diagnose', tcmalloc=True)   # before JAX starts: see allocator.py
+  app.run(functools.partial(main, f=define_flags(flags.FLAGS)), flags_parser=cli.parse_flags)

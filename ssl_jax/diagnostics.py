@@ -701,31 +701,31 @@ def scalars_of(result: dict[str, Any]) -> dict[str, float]:
 
 
 def diagnose_workdir(workdir: str, *, checkpoints: str = 'all',
-                     settings: Settings = Settings(), progress: bool = True) -> dict[str, Any]:
-  """Diagnoses a training workdir's checkpoints; writes DIR/diagnostics/.
+                     settings: Settings = Settings(), progress: bool = True,
+                     out_dir: Optional[str] = None) -> dict[str, Any]:
+  """Diagnoses a training workdir's checkpoints; writes out_dir (DIR/diagnostics/).
 
   diagnostics.json (every step diagnosed so far, merged with earlier runs of
   this command), TensorBoard scalars at each checkpoint's step, and PNG
   figures. The result file is rewritten after each step, so an interrupted
-  command keeps what it finished.
+  command keeps what it finished. It refuses to write into a workdir that is
+  still training (pass out_dir elsewhere, or wait).
   """
-  import ml_collections
   from ssl_jax import checkpointing
   from ssl_jax import metrics as metrics_lib
-  from ssl_jax import train as train_lib  # train calls make_training_monitor: import here
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{config_path} not found: --workdir must be a training workdir '
-                            '(python -m ssl_jax.main --workdir=DIR writes it).')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  from ssl_jax import runs
+  from ssl_jax import workdir_lock
+  out_dir = out_dir or os.path.join(workdir, 'diagnostics')
+  if os.path.abspath(out_dir).startswith(os.path.abspath(workdir) + os.sep):
+    workdir_lock.refuse_if_training(workdir, 'ssl_jax.diagnose')
+  config = runs.read_config(workdir)
   input_pipeline.hide_accelerators_from_tensorflow()
   mesh = sharding.make_mesh()
-  run = train_lib.build(config, mesh)
+  run = runs.build(config, mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                       keep_period=config.get('keep_checkpoint_period', 0))
+                                       keep_period=config.get('keep_checkpoint_period', 0),
+                                       create=False)
   steps = select_steps(manager.all_steps(), checkpoints)
-  out_dir = os.path.join(workdir, 'diagnostics')
   os.makedirs(out_dir, exist_ok=True)
   json_path = os.path.join(out_dir, 'diagnostics.json')
   record = {'workdir': os.path.abspath(workdir), 'method': config.method, 'steps': {}}

@@ -33,6 +33,7 @@ tuning, final with 95% Student-t intervals, paired differences) and .png.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,19 +48,50 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ssl_jax import cli
 from ssl_jax import metrics
+from ssl_jax import workdir_lock
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_ROOT = flags.DEFINE_string('root', 'runs/experiments', 'Folder of the cells\' workdirs.')
-_RESULTS = flags.DEFINE_string('results', 'results', 'Folder of the committed result files.')
-_SHARD = flags.DEFINE_string('shard', '0/1', 'i/k: run only cells whose index is i mod k.')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Cells run at once.')
-_AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False, 'Only rebuild the tables.')
-_MAX_CELLS = flags.DEFINE_integer('max_cells', 0, 'Stop after this many cells (0: all).')
-_README = flags.DEFINE_string('readme', 'README.md',
-                              'A file whose <!-- results:NAME:start/end --> block is replaced '
-                              'by the tables (skipped when it has no such block).')
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The flag holders of one command line (`define_flags`)."""
+  config: Any
+  root: Any
+  results: Any
+  shard: Any
+  parallel: Any
+  aggregate_only: Any
+  max_cells: Any
+  readme: Any
+  dry_run: Any
+
+
+def define_flags(flag_values: flags.FlagValues) -> Flags:
+  """Defines this command's flags in flag_values (absl's FLAGS, or fresh ones in tests)."""
+  fv = dict(flag_values=flag_values)
+  return Flags(
+      config=config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                             lock_config=True, **fv),
+      root=flags.DEFINE_string('root', 'runs/experiments', "Folder of the cells' workdirs.",
+                               **fv),
+      results=flags.DEFINE_string('results', 'results', 'Folder of the committed result files.',
+                                  **fv),
+      shard=flags.DEFINE_string('shard', '0/1', 'i/k: run only cells whose index is i mod k.',
+                                **fv),
+      parallel=flags.DEFINE_integer('parallel', 1, 'Cells run at once.', **fv),
+      aggregate_only=flags.DEFINE_bool('aggregate_only', False, 'Only rebuild the tables.',
+                                       **fv),
+      max_cells=flags.DEFINE_integer('max_cells', 0, 'Stop after this many cells (0: all).',
+                                     **fv),
+      readme=flags.DEFINE_string(
+          'readme', 'README.md', 'A file whose <!-- results:NAME:start/end --> block is '
+          'replaced by the tables (skipped when it has no such block).', **fv),
+      dry_run=flags.DEFINE_bool(
+          'dry_run', False, "Check the grid without running it: every cell's command is "
+          'parsed and validated as `ssl_jax.main --dry_run` would; prints the plan. Writes '
+          'nothing.', **fv))
+
 
 # Paired comparisons the paper claims: (entropy variant, its base method).
 # A method whose test features' effective rank is below a quarter of this
@@ -368,8 +400,13 @@ class Runner:
     log = open(os.path.join(workdir, 'log.txt'), 'a')
     log.write(f'\n$ {" ".join(cell.command(workdir))}\n')
     log.flush()
+    # Its own session (a Ctrl-C reaches the runner, which stops cells cleanly),
+    # and it dies with the runner even by SIGKILL: an orphaned cell would keep
+    # training while a restarted runner starts the same cell again.
+    env = dict(os.environ, **{cli.PARENT_PID_ENV: str(os.getpid())})
     process = subprocess.Popen(cell.command(workdir), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env=env,
+                               preexec_fn=cli.die_with_parent(os.getpid()))
     self.running[cell.name] = (cell, process, time.time(), log, git_commit())
     self.started_here += 1
     self.progress(f'started {cell.name}')
@@ -430,6 +467,15 @@ class Runner:
 def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: int,
         max_cells: int = 0, readme: Optional[str] = None) -> None:
   """Runs this shard's unfinished cells, tuning before final; resumable."""
+  # One runner per root: a second one (or a restart while the first still
+  # runs) would start the same cells again.
+  with workdir_lock.hold(root, command=f'ssl_jax.experiments {experiment.name} shard '
+                                       f'{shard[0]}/{shard[1]}'):
+    _run_locked(experiment, root, results, shard, parallel, max_cells, readme)
+
+
+def _run_locked(experiment, root: str, results: str, shard: tuple[int, int], parallel: int,
+                max_cells: int, readme: Optional[str]) -> None:
   def plan():
     recorded = load_results(results, experiment)
     cells = tuning_cells(experiment) + final_cells(
@@ -446,7 +492,7 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
                     f'commit {runner.commit}')
     while True:
       recorded, mine = plan()
-      waiting = []
+      waiting, busy = [], []
       for cell in mine:
         if runner.stopping or len(runner.running) >= runner.parallel or not runner.budget_left():
           break
@@ -455,6 +501,9 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
         if cell.trial < 0:
           waiting.append(cell.name)
           continue
+        if workdir_lock.holder(os.path.join(root, cell.name)) is not None:
+          busy.append(cell.name)   # a process outside this runner still trains it
+          continue
         summary = finished_summary(os.path.join(root, cell.name))
         if summary is not None:   # finished earlier, result file lost: record, don't rerun
           runner.record(cell, summary, 'unknown (finished before this runner started)')
@@ -462,6 +511,11 @@ def run(experiment, root: str, results: str, shard: tuple[int, int], parallel: i
           continue
         runner.start(cell)
       if not runner.running:
+        if busy and not runner.stopping:
+          runner.progress(f'{busy[0]} is still held by another process (see its log.txt); '
+                          'waiting for it to exit')
+          time.sleep(5)
+          continue
         if waiting and not runner.stopping and runner.budget_left():
           runner.progress(f'{len(waiting)} final cells wait for other shards\' tuning; '
                           'checking again in 60 s')
@@ -718,23 +772,61 @@ def aggregate(experiment, results_root: str, readme: Optional[str] = None) -> di
   return summary
 
 
-def main(argv):
-  del argv
-  experiment = _CONFIG.value
+def check_experiment(experiment) -> None:
+  """Clear errors before anything runs: config files exist, trials parse."""
   if experiment is None:
     raise app.UsageError('Pass --config=configs/experiments/<name>.py')
   for method, spec in experiment.methods.items():
     if not os.path.exists(spec.config):
       raise ValueError(f'Method {method!r}: config file {spec.config!r} does not exist.')
     for trial in spec.trials:
-      parse_overrides(trial)   # clear errors before anything runs
-  if _AGGREGATE_ONLY.value:
-    aggregate(experiment, _RESULTS.value, _README.value)
-    print(f'experiments: wrote {os.path.join(_RESULTS.value, experiment.name)}.md/.json/.png')
+      parse_overrides(trial)
+
+
+def dry_run(f: Flags) -> dict[str, Any]:
+  """Validates every tuning and (where chosen) final cell's command; prints the plan."""
+  from ssl_jax import main as main_lib
+  from ssl_jax import runs
+  experiment = f.config.value
+  check_experiment(experiment)
+  shard = parse_shard(f.shard.value)
+  recorded = load_results(f.results.value, experiment)
+  cells = in_shard(tuning_cells(experiment) + final_cells(
+      experiment, choose_trials(experiment, recorded),
+      skip=all_trials_diverged(experiment, recorded)), shard)
+  checked = 0
+  for cell in cells:
+    if cell.trial < 0:
+      continue   # its trial is chosen once tuning is done
+    argv = cell.command(os.path.join(f.root.value, cell.name))[3:]
+    holders = cli.parse_command(main_lib.define_flags, ['ssl_jax.main'] + argv)
+    runs.describe(holders.config.value, holders.workdir.value)
+    checked += 1
+  done = sum(c.name in recorded for c in cells)
+  print(f'ssl_jax.experiments dry run: {experiment.name}, shard {shard[0]}/{shard[1]}: '
+        f'{len(cells)} cells ({done} with results in {results_dir(f.results.value, experiment)}, '
+        f'{sum(c.trial < 0 for c in cells)} final cells waiting for tuning); the commands of '
+        f'{checked} cells parse and validate. Nothing was run or written.', flush=True)
+  return {'cells': len(cells), 'checked': checked, 'done': done}
+
+
+def main(argv, f: Flags):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  metrics.quiet_library_logs()
+  experiment = f.config.value
+  check_experiment(experiment)
+  if f.dry_run.value:
+    dry_run(f)
     return
-  run(experiment, _ROOT.value, _RESULTS.value, parse_shard(_SHARD.value), _PARALLEL.value,
-      _MAX_CELLS.value, _README.value)
+  if f.aggregate_only.value:
+    aggregate(experiment, f.results.value, f.readme.value)
+    print(f'experiments: wrote {os.path.join(f.results.value, experiment.name)}.md/.json/.png')
+    return
+  run(experiment, f.root.value, f.results.value, parse_shard(f.shard.value), f.parallel.value,
+      f.max_cells.value, f.readme.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.start('ssl_jax.experiments', tensorflow=False)   # the cells import it, quietly
+  app.run(functools.partial(main, f=define_flags(flags.FLAGS)), flags_parser=cli.parse_flags)

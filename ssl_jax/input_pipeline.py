@@ -223,9 +223,8 @@ def _builder(name: str, data_dir: Optional[str]):
   return tfds.builder(get_spec(name).tfds_name, data_dir=data_dir)
 
 
-def _prepare_fashion_mnist(builder) -> None:
-  """Builds the TFDS files from Debian's idx files once (about 15 s)."""
-  import tensorflow_datasets as tfds
+def _fashion_mnist_source() -> str:
+  """Debian's idx files' folder; FileNotFoundError naming the fix if they are missing."""
   from ssl_jax.datasets import fashion_mnist_local
   source = fashion_mnist_local.source_dir()
   missing = fashion_mnist_local.missing_files(source)
@@ -233,8 +232,47 @@ def _prepare_fashion_mnist(builder) -> None:
     raise FileNotFoundError(
         f'Fashion-MNIST is neither prepared in the TFDS data dir nor found as idx files '
         f'in {source} (missing {missing}). {fashion_mnist_local.HOW_TO_GET}')
+  return source
+
+
+def _prepare_fashion_mnist(builder) -> None:
+  """Builds the TFDS files from Debian's idx files once (about 15 s)."""
+  import tensorflow_datasets as tfds
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=source))
+      download_config=tfds.download.DownloadConfig(manual_dir=_fashion_mnist_source()))
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A dataset ssl_jax cannot download is not prepared where the config points."""
+
+
+def _not_prepared(name: str, builder) -> DatasetNotPreparedError:
+  spec = get_spec(name)
+  return DatasetNotPreparedError(
+      f'Dataset {name!r} ({spec.tfds_name}) is not prepared in the TFDS data dir '
+      f'{builder.data_dir_root}. {spec.how_to_get}')
+
+
+def check_prepared(name: str, data_dir: Optional[str] = None) -> str:
+  """Where `name` will be read from, from TFDS's metadata alone (no record is read).
+
+  Raises DatasetNotPreparedError (or FileNotFoundError for Fashion-MNIST
+  without its idx files) naming the folder and the fix, as training would.
+  """
+  from absl import logging
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)   # TFDS warns about every empty version folder
+  try:
+    builder = _builder(name, data_dir)
+    prepared = builder.is_prepared()
+  finally:
+    logging.set_verbosity(verbosity)
+  if prepared:
+    return f'prepared in {builder.data_dir}'
+  if name == 'fashion_mnist':
+    return (f'prepared on first use from the idx files in {_fashion_mnist_source()} '
+            f'into {builder.data_dir_root} (once, about 15 s)')
+  raise _not_prepared(name, builder)
 
 
 def load_split(name: str, split, *, data_dir: Optional[str] = None,
@@ -283,9 +321,7 @@ def load_split(name: str, split, *, data_dir: Optional[str] = None,
     if name == 'fashion_mnist':
       _prepare_fashion_mnist(builder)
       return as_dataset()
-    raise FileNotFoundError(
-        f'Dataset {name!r} ({spec.tfds_name}) is not prepared in the TFDS data dir '
-        f'{builder.data_dir_root}. {spec.how_to_get}') from error
+    raise _not_prepared(name, builder) from error
 
 
 def process_split(split: str, process_index: int, process_count: int):

@@ -37,9 +37,14 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(global_batch: int, mesh: jax.sharding.Mesh | None = None) -> None:
-  """Raises ValueError unless the global batch splits evenly over devices and processes."""
-  devices = mesh.size if mesh is not None else jax.device_count()
+def check_batch_divisible(global_batch: int, mesh: jax.sharding.Mesh | None = None, *,
+                          device_count: int | None = None) -> None:
+  """Raises ValueError unless the global batch splits evenly over devices and processes.
+
+  device_count: the devices of a run not started yet (a dry run's devices
+  per process times its processes), instead of the mesh's.
+  """
+  devices = device_count or (mesh.size if mesh is not None else jax.device_count())
   if global_batch <= 0 or global_batch % devices:
     raise ValueError(
         f'The global batch size {global_batch} must be a positive multiple of the '

@@ -11,7 +11,6 @@ Resume order: the newest complete checkpoint in workdir, else from scratch.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -20,51 +19,22 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
 from ssl_jax import allocator
-from ssl_jax import augment
 from ssl_jax import checkpointing
 from ssl_jax import diagnostics
 from ssl_jax import evaluate
 from ssl_jax import input_pipeline
 from ssl_jax import metrics as metrics_lib
-from ssl_jax import models
-from ssl_jax import objectives
-from ssl_jax import optim
+from ssl_jax import runs
 from ssl_jax import sharding
 from ssl_jax import train_step as train_step_lib
+from ssl_jax import workdir_lock
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step and checkpoint."""
-
-
-def steps_from(config, name: str, examples_per_epoch: int, batch_size: int) -> int:
-  """`<name>_steps` if set (> 0), else ceil(`<name>_epochs` * examples / batch)."""
-  steps = config.get(f'{name}_steps', 0) or 0
-  if steps > 0:
-    return int(steps)
-  epochs = config.get(f'{name}_epochs', 0) or 0
-  if epochs < 0 or steps < 0:
-    raise ValueError(f'{name}_steps and {name}_epochs must be >= 0.')
-  return int(math.ceil(epochs * examples_per_epoch / batch_size))
-
-
-def check_config(config) -> None:
-  """Value checks that the config's types cannot express."""
-  if config.data.batch_size <= 0:
-    raise ValueError(f'data.batch_size must be > 0, got {config.data.batch_size}.')
-  if config.log_every_steps <= 0:
-    raise ValueError(f'log_every_steps must be > 0, got {config.log_every_steps}.')
-  if config.ckpt_every_steps <= 0:
-    raise ValueError(f'ckpt_every_steps must be > 0, got {config.ckpt_every_steps}.')
-  if config.keep_checkpoints <= 0:
-    raise ValueError(f'keep_checkpoints must be > 0, got {config.keep_checkpoints}.')
-  if config.byol.tau_base is not None and not 0 <= config.byol.tau_base < 1:
-    raise ValueError(f'byol.tau_base must be in [0, 1), got {config.byol.tau_base}.')
 
 
 class StopRequest:
@@ -100,69 +70,7 @@ def _first_non_finite(pending: list[tuple[int, Any]]) -> Optional[tuple[int, flo
   return None
 
 
-@dataclasses.dataclass
-class Run:
-  """What a config builds before training: shared by training, embedding, benchmarks."""
-  spec: input_pipeline.DatasetSpec
-  global_batch: int
-  total_steps: int
-  warmup_steps: int
-  image_size: int
-  views: tuple[augment.ViewParams, augment.ViewParams]
-  objective: Any
-  with_predictor: bool
-  with_target: bool
-  schedule: Any
-  tx: optax.GradientTransformation
-  probe_tx: optax.GradientTransformation
-  graphdef: Any
-  state: train_step_lib.TrainState   # initial state, replicated over the mesh
-
-  def abstract_state(self, mesh):
-    replicated = sharding.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        self.state)
-
-
-def build(config, mesh) -> Run:
-  """Dataset spec, step counts, views, objective, model, optimisers, initial state."""
-  spec = input_pipeline.spec_for(config.data)
-  global_batch = config.data.batch_size
-  input_pipeline.local_batch_size(global_batch, mesh)  # divisibility, with a clear error
-  total_steps = steps_from(config, 'total', spec.num_pretrain_examples, global_batch)
-  warmup_steps = steps_from(config, 'warmup', spec.num_pretrain_examples, global_batch)
-  if total_steps <= 0:
-    raise ValueError('Nothing to train: set total_epochs or total_steps > 0.')
-  views = augment.views_from_config(config.aug.preset, config.aug.view_a, config.aug.view_b)
-  # The objective's terms decide which networks exist (predictor, EMA target).
-  objective = objectives.build_objective(config.loss.terms)
-  needed = objectives.needed_outputs(config.loss.terms)
-  # Trace the objective on abstract embeddings now: its parameter checks
-  # (beta > 0, a known bound, ...) run at trace time, and should fail before
-  # any dataset is prepared or model compiled.
-  width = models.parse_mlp_spec(config.model.projector)[-1]
-  jax.eval_shape(objective, {name: jax.ShapeDtypeStruct((8, width), jnp.float32)
-                             for name in needed})
-  with_predictor = bool(needed & {'p_a', 'p_b'})
-  with_target = bool(needed & {'t_a', 't_b'})
-  model = models.create_model(config.model, spec.channels, with_predictor=with_predictor,
-                              seed=config.seed)
-  schedule = optim.make_schedule(config.optim, global_batch, total_steps, warmup_steps)
-  tx = optim.make_optimizer(config.optim, schedule)
-  probe_tx = optax.sgd(optax.cosine_decay_schedule(config.probe.lr, total_steps),
-                       momentum=config.probe.momentum)
-  graphdef, state = train_step_lib.create_train_state(
-      model, tx, probe_tx, num_classes=spec.num_classes, seed=config.seed,
-      with_target=with_target)
-  return Run(spec=spec, global_batch=global_batch, total_steps=total_steps,
-             warmup_steps=warmup_steps,
-             image_size=config.data.get('image_size') or spec.image_size, views=views,
-             objective=objective, with_predictor=with_predictor, with_target=with_target,
-             schedule=schedule, tx=tx, probe_tx=probe_tx, graphdef=graphdef,
-             state=jax.device_put(state, sharding.replicated(mesh)))
-
-
-def make_step_fn(run: Run, config, mesh):
+def make_step_fn(run: runs.Run, config, mesh):
   """The jitted training step: state replicated, batch sharded over 'data'."""
   replicated = sharding.replicated(mesh)
   return jax.jit(
@@ -192,10 +100,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   not evaluated again (its summary is printed and returned) unless reevaluate.
   """
   start_time = time.time()
-  check_config(config)
+  runs.check_config(config)
   input_pipeline.hide_accelerators_from_tensorflow()
-  is_main = jax.process_index() == 0
   checkpointing.check_writable(workdir)
+  # One trainer per workdir (process 0 holds the lock for a multi-host run):
+  # a second one fails here, before it reads or writes anything else.
+  lock = (workdir_lock.hold(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, workdir, reevaluate=reevaluate, start_time=start_time)
+
+
+def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: float
+                        ) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
   if not reevaluate and (done := finished_summary(workdir, config)) is not None:
     if is_main:
       print(f'ssl_jax: {workdir} holds a finished run of this config; its summary follows. '
@@ -205,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Mesh, data, objective, model, optimiser and initial state.
   mesh = sharding.make_mesh()
-  run = build(config, mesh)
+  run = runs.build(config, mesh)
   spec, global_batch, total_steps = run.spec, run.global_batch, run.total_steps
   graphdef, state = run.graphdef, run.state
   local_batch = input_pipeline.local_batch_size(global_batch, mesh)

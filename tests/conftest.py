@@ -31,7 +31,10 @@ def pytest_configure(config):
   if hasattr(config, 'workerinput'):
     return
   try:
+    from ssl_jax import cli
     from ssl_jax import input_pipeline
+    with cli.stderr_to_devnull():   # TensorFlow's C++ start-up lines
+      import tensorflow  # pylint: disable=unused-import,import-outside-toplevel
     input_pipeline.load_split('fashion_mnist', 'test')
   except Exception as error:  # pylint: disable=broad-except
     # The tests that need the data report the problem (and how to fix it) themselves.

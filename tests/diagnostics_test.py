@@ -315,13 +315,13 @@ def test_diagnose_a_smoke_workdir(tmp_path):
 
 
 def test_embeddings_and_patterns_on_eight_devices_equal_one_device():
-  from ssl_jax import sharding
+  from ssl_jax import runs, sharding
   config = importlib.import_module('configs.vicreg').get_config('smoke')
   images = np.random.default_rng(0).integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)
   out, patterns = {}, {}
   for devices in (1, 8):
     mesh = sharding.make_mesh(devices)
-    run = train.build(config, mesh)
+    run = runs.build(config, mesh)
     net = diagnostics.Network(run, mesh, batch_size=16)
     out[devices] = net.embed(run.state.params, run.state.batch_stats, images, view='a',
                              key=jax.random.key(0))

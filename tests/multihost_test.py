@@ -59,11 +59,11 @@ def params(workdir):
   (the checkpoint may come from other devices and processes)."""
   import jax
   import ml_collections
-  from ssl_jax import checkpointing, sharding, train
+  from ssl_jax import checkpointing, runs, sharding
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   mesh = sharding.make_mesh(1)
-  run = train.build(config, mesh)
+  run = runs.build(config, mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=3)
   state = checkpointing.restore_step(manager, manager.latest_step(), run.abstract_state(mesh),
                                      config)
@@ -139,8 +139,9 @@ def test_two_processes_train_resume_after_sigkill_and_match_one_process(tmp_path
 def test_slurm_environment_starts_the_distributed_runtime():
   """Two local processes with the variables srun sets for a 2-task job (launch/slurm.sbatch)."""
   job = str(free_port())   # JAX derives the coordinator port from the job id
-  snippet = ('from absl import flags; from ssl_jax import main; flags.FLAGS(["main"]); '
-             'main.initialize_distributed(); import jax; '
+  snippet = ('from absl import flags; from ssl_jax import main; '
+             'f = main.define_flags(flags.FLAGS); flags.FLAGS(["main"]); '
+             'main.initialize_distributed(f); import jax; '
              'print("joined", jax.process_index(), jax.process_count(), jax.device_count())')
   procs = []
   for task in range(2):

@@ -1,0 +1,143 @@
+"""Command lines: every config field overridable, one-line errors, --dry_run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_dict
+
+from configs import common
+from ssl_jax import cli
+from ssl_jax import input_pipeline
+from ssl_jax import main as main_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def every_config():
+  """(config file argument, ConfigDict) for every method and every variant it accepts."""
+  out = []
+  for method in sorted(common.RECIPES):
+    for variant in (None,) + common.VARIANTS + ('cifar10,smoke', 'imagenet,add'):
+      try:
+        config = common.get_config(method, variant)
+      except ValueError:
+        continue   # e.g. 'lower' on a method without the pairwise entropy
+      out.append((f'configs/{method}.py' + (f':{variant}' if variant else ''), config))
+  return out
+
+
+def leaves(config, prefix=''):
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, config_dict.ConfigDict):
+      yield from leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', config.get_type(key), value
+
+
+def other_value(kind, value):
+  """A value of the leaf's type that differs from its default."""
+  if kind is bool:
+    return not value
+  if kind is int:
+    return 7 if value is None else value + 3
+  if kind is float:
+    return 0.25 if value is None else value + 0.5
+  if kind is str:
+    return 'elsewhere' if value is None else value + '_x'
+  if kind is tuple:
+    if value is None:
+      return (0.3, 0.9)
+    return tuple(v + 1 for v in value)
+  raise AssertionError(f'a config leaf of type {kind} that the command line cannot set')
+
+
+def flag_text(value):
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if isinstance(value, tuple):
+    return '(' + ', '.join(repr(v) for v in value) + ')'
+  return str(value)
+
+
+def test_every_config_leaf_is_overridable_from_the_command_line():
+  """Through config_flags itself, as `python -m ssl_jax.main` parses it."""
+  configs = every_config()
+  assert len(configs) >= 50
+  none_leaves = 0
+  for argument, config in configs:
+    expected, argv = {}, ['ssl_jax.main', f'--config={argument}']
+    for path, kind, value in leaves(config):
+      none_leaves += value is None
+      expected[path] = other_value(kind, value)
+      argv.append(f'--config.{path}={flag_text(expected[path])}')
+    parsed = cli.parse_command(main_lib.define_flags, argv).config.value
+    for path, value in expected.items():
+      got = parsed
+      for part in path.split('.'):
+        got = got[part]
+      assert got == value, f'{argument}: --config.{path} gave {got!r}, expected {value!r}'
+  assert none_leaves > 0   # the typed placeholders (data_dir, image_size, aug.*) are covered
+
+
+@pytest.mark.parametrize('override, key, suggestion', [
+    ('--config.optim.lr=1', 'optim.lr', 'optim.base_lr'),
+    ('--config.nonexistent=3', 'nonexistent', None),
+    ('--config.model.encoder.chanels=8', 'model.encoder.channels', None),
+])
+def test_a_mistyped_override_is_one_line_naming_the_key_and_the_closest_ones(
+    override, key, suggestion):
+  with pytest.raises(cli.CommandLineError) as error:
+    cli.parse_command(main_lib.define_flags,
+                      ['ssl_jax.main', '--config=configs/vicreg_it.py', override])
+  message = str(error.value)
+  assert '\n' not in message and override.split('=')[0] in message
+  if suggestion:
+    assert f'closest valid keys: {suggestion}' in message
+  if key == 'model.encoder.channels':
+    assert "'model.encoder.chanels'" in message and 'model.encoder.channels' in message
+
+
+def test_the_command_line_prints_one_line_and_exits_2_on_a_bad_override():
+  done = subprocess.run([sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py',
+                         '--config.optim.lr=1'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 2
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'optim.base_lr' in lines[0], done.stderr
+  assert 'oneDNN' not in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_dry_run_validates_prints_and_writes_nothing(tmp_path, capsys):
+  workdir = tmp_path / 'never_created'
+  argv = ['ssl_jax.main', '--config=configs/byol.py', f'--workdir={workdir}', '--dry_run',
+          '--config.aug.view_a.blur_prob=0.5', '--config.data.image_size=28']
+  summary = main_lib.dry_run(cli.parse_command(main_lib.define_flags, argv))
+  assert not workdir.exists()
+  assert summary['method'] == 'byol' and summary['ema_target'] and summary['predictor']
+  assert summary['parameters'] > 1_000_000 and summary['total_steps'] == 305
+  out = capsys.readouterr().out
+  assert 'ssl_jax dry run: byol on fashion_mnist' in out and 'Nothing was run or written' in out
+
+
+def test_dry_run_of_a_pod_config_needs_no_dataset_and_ends_in_not_prepared(tmp_path, capsys):
+  data_dir = tmp_path / 'tfds'
+  argv = ['ssl_jax.main', '--config=configs/vicreg_it.py:imagenet', '--dry_run',
+          f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}']
+  with pytest.raises(input_pipeline.DatasetNotPreparedError, match=f'not prepared.*{data_dir}'):
+    main_lib.dry_run(cli.parse_command(main_lib.define_flags, argv))
+  out = capsys.readouterr().out
+  assert 'resnet50' in out and '174,552,128 parameters' in out and 'bfloat16' in out
+  assert not data_dir.exists() and not (tmp_path / 'run').exists()
+
+
+def test_dry_run_counts_the_processes_of_the_command_line(capsys):
+  argv = ['ssl_jax.main', '--config=configs/vicreg_it.py', '--dry_run', '--num_processes=2',
+          '--process_id=1', '--coordinator=10.0.0.1:1234']
+  summary = main_lib.dry_run(cli.parse_command(main_lib.define_flags, argv))
+  assert summary['processes'] == 2
+  bad = argv + ['--config.data.batch_size=255']
+  with pytest.raises(ValueError, match='multiple of the device count'):
+    main_lib.dry_run(cli.parse_command(main_lib.define_flags, bad))
