@@ -228,15 +228,18 @@ def make_online_test_eval(config, run, mesh, feature_fn):
   return accuracy
 
 
-def final_evaluation(config, run, state, mesh, feature_fn) -> dict[str, Any]:
+def final_evaluation(config, run, state, mesh, feature_fn, timer=None) -> dict[str, Any]:
   """Online probe, linear probe and kNN on the test split, and the baselines.
 
-  run is the train.Run the state was trained with (dataset spec, model config).
+  run is the runs.Run the state was trained with (dataset spec, model config).
+  timer (a metrics.Stopwatch) receives the seconds of each part.
   """
+  import contextlib
   t0 = time.time()
   ev, spec = config.eval, run.spec
   max_train = num_batches(ev.max_train_examples, ev.batch_size)
   max_test = num_batches(ev.max_test_examples, ev.batch_size)
+  section = timer.section if timer is not None else (lambda name: contextlib.nullcontext())
 
   def features_of(params, batch_stats):
     train = extract_features(feature_fn, params, batch_stats,
@@ -245,28 +248,42 @@ def final_evaluation(config, run, state, mesh, feature_fn) -> dict[str, Any]:
                             eval_split(config, spec.test_split, mesh), mesh, max_test)
     return train, test
 
+  def probes(train, test, timed=True):
+    out = {}
+    timed_section = section if timed else (lambda name: contextlib.nullcontext())
+    with timed_section('evaluation: linear probe'):
+      probe = linear_probe(*train, *test, num_classes=spec.num_classes,
+                           epochs=ev.linear_epochs, lr=ev.linear_lr,
+                           batch_size=ev.linear_batch_size)
+    out['linear_train_acc'], out['linear_test_acc'] = probe['train_acc'], probe['test_acc']
+    with timed_section('evaluation: kNN'):
+      for k, acc in knn_accuracy(*train, *test, num_classes=spec.num_classes, ks=ev.knn_k,
+                                 temperature=ev.knn_temperature).items():
+        out[f'knn{k}_test_acc'] = acc
+    return out
+
   print('ssl_jax: evaluating frozen features (linear probe, kNN)...', flush=True)
-  train, test = features_of(state.params, state.batch_stats)
-  out = {'eval': evaluate_features(train, test, num_classes=spec.num_classes, config=ev)}
+  with section('evaluation: features'):
+    train, test = features_of(state.params, state.batch_stats)
+  out = {'eval': probes(train, test)}
   out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
   # Counted after the gather from every process: the whole split, not one host's shard.
   out['eval']['train_examples'], out['eval']['test_examples'] = len(train[1]), len(test[1])
-  out['eval'].update(embedding_statistics(test[0]))
+  with section('evaluation: embedding statistics'):
+    out['eval'].update(embedding_statistics(test[0]))
   if ev.baselines:
-    # Same architecture at initialisation, and raw pixels: what SSL must beat.
-    # (The model is rebuilt from the seed: run.state's buffers were donated to
-    # the first training step.)
-    random_model = models.create_model(config.model, spec.channels,
-                                       with_predictor=run.with_predictor, seed=config.seed)
-    _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
-    r_train, r_test = features_of(r_params, r_stats)
-    out['baseline_random_init'] = evaluate_features(
-        r_train, r_test, num_classes=spec.num_classes, config=ev)
-    p_train = raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
-                         spec.mean, spec.std)
-    p_test = raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
-                        spec.mean, spec.std)
-    out['baseline_raw_pixels'] = evaluate_features(
-        p_train, p_test, num_classes=spec.num_classes, config=ev)
+    with section('evaluation: baselines'):
+      # Same architecture at initialisation, and raw pixels: what SSL must beat.
+      # (The model is rebuilt from the seed: run.state's buffers were donated to
+      # the first training step.)
+      random_model = models.create_model(config.model, spec.channels,
+                                         with_predictor=run.with_predictor, seed=config.seed)
+      _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
+      out['baseline_random_init'] = probes(*features_of(r_params, r_stats), timed=False)
+      p_train = raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
+                           spec.mean, spec.std)
+      p_test = raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
+                          spec.mean, spec.std)
+      out['baseline_raw_pixels'] = probes(p_train, p_test, timed=False)
   out['eval_time_sec'] = time.time() - t0
   return out

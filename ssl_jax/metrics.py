@@ -124,6 +124,32 @@ def _tf_errors_as_oserror():
     raise OSError(code, f'TensorBoard event file: {error.message}') from error
 
 
+class Stopwatch:
+  """Seconds spent in named sections, summed over calls (the run's time breakdown).
+
+  A section measures wall time, so work dispatched asynchronously before it
+  (a training step) counts there unless it was waited for first; the
+  training loop waits (it fetches the loss) before every periodic section.
+  """
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def section(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.add(name, time.perf_counter() - start)
+
+  def add(self, name: str, seconds: float) -> None:
+    self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+  def total(self) -> float:
+    return sum(self.seconds.values())
+
+
 class Throughput:
   """Images per second between two calls."""
 

@@ -154,7 +154,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
   # One jitted feature extractor for the online test evaluation and the final one.
   feature_fn = evaluate.make_feature_fn(graphdef, run.image_size, spec.mean, spec.std)
 
-  # ---- The loop.
+  # ---- The loop. timer: where the run's time goes (summary.json 'time_breakdown_sec').
+  timer = metrics_lib.Stopwatch()
   status = 'completed'
   stop_at = config.stop_at_step if config.stop_at_step > 0 else total_steps
   if start_step < min(stop_at, total_steps):
@@ -193,6 +194,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
         checkpointing.wait(manager)
         raise checkpointing.write_error(manager, error, what) from error
 
+    timer.add('start-up', time.time() - start_time)
+    loop_start = time.perf_counter()
     with StopRequest().installed() as stop, bar:
       step = start_step
       while step < min(stop_at, total_steps):
@@ -202,36 +205,50 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
         throughput.add(global_batch)  # source images (each yields two views), as benchmarks/
         step += 1
         bar.update(1)
-        if step % config.log_every_steps == 0 or step == total_steps:
+        if step == start_step + 1:   # the first step compiles: waited for, timed apart
           guard(step)
+          timer.add('first step (compilation)', time.perf_counter() - loop_start)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          guard(step)   # waits for the steps so far: the sections below time only themselves
           scalars = metrics_lib.to_host_scalars(jax.device_get(step_metrics))
           scalars['images_per_sec'] = throughput.rate()
           every = config.eval.online_every_steps
           if every > 0 and (step % every == 0 or step == total_steps):
-            scalars['probe_test_acc'] = online_test(state)
+            with timer.section('online probe evaluation'):
+              scalars['probe_test_acc'] = online_test(state)
             throughput.rate()  # restart the clock: evaluation is not training throughput
-          if monitor is not None and (diag := monitor(step, state)):
-            scalars.update(diag)
-            throughput.rate()
-          write_metrics(lambda: writer.write_scalars(step, scalars),
-                        f'Writing the metrics of step {step} to {writer.path}')
+          if monitor is not None:
+            with timer.section('training diagnostics'):
+              diag = monitor(step, state)
+            if diag:
+              scalars.update(diag)
+              throughput.rate()
+          with timer.section('metrics'):
+            write_metrics(lambda: writer.write_scalars(step, scalars),
+                          f'Writing the metrics of step {step} to {writer.path}')
           bar.set_postfix(loss=f'{scalars["loss"]:.4g}',
                           probe=f'{scalars["probe_train_acc"]:.3f}',
                           img_s=f'{scalars["images_per_sec"]:.0f}')
         if step % config.ckpt_every_steps == 0 or stop.signal is not None:
           guard(step)
-          checkpointing.save(manager, state, config, force=stop.signal is not None)
+          with timer.section('checkpoints'):
+            checkpointing.save(manager, state, config, force=stop.signal is not None)
           last_saved = step
         if stop.signal is not None:
           status = f'interrupted by signal {stop.signal}'
           break
     guard(step)
+    loop_seconds = time.perf_counter() - loop_start
+    timer.add('steps', loop_seconds - sum(
+        v for k, v in timer.seconds.items() if k != 'start-up'))
     if status == 'completed' and step < total_steps:
       status = f'stopped at step {step} (stop_at_step)'
-    if last_saved != step:
-      checkpointing.save(manager, state, config, force=True)
-    write_metrics(writer.flush, f'Flushing the TensorBoard events beside {writer.path}')
-  checkpointing.wait(manager)
+    with timer.section('checkpoints'):
+      if last_saved != step:
+        checkpointing.save(manager, state, config, force=True)
+      write_metrics(writer.flush, f'Flushing the TensorBoard events beside {writer.path}')
+  with timer.section('checkpoints'):
+    checkpointing.wait(manager)
   final_step = int(jax.device_get(state.step))
   train_seconds = time.time() - start_time
 
@@ -246,8 +263,12 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
     print(f'ssl_jax: {status}; checkpoint at step {final_step} in {manager.directory}. '
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
-    summary.update(evaluate.final_evaluation(config, run, state, mesh, feature_fn))
+    summary.update(evaluate.final_evaluation(config, run, state, mesh, feature_fn,
+                                             timer=timer))
   summary['wall_time_sec'] = time.time() - start_time
+  # Seconds since train_and_evaluate started, by section; the process's own
+  # start-up (Python and library imports) comes before and is not in it.
+  summary['time_breakdown_sec'] = dict(timer.seconds)
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)

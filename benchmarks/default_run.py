@@ -1,0 +1,167 @@
+"""The README's main command, timed end to end, with where the time goes.
+
+  python benchmarks/default_run.py --contenders f2efaf6,HEAD --rounds 2
+  python benchmarks/default_run.py --contenders 'HEAD,HEAD:--config.eval.online_every_steps=0'
+
+Each contender is a git revision of this repository, optionally followed by
+':' and extra command-line flags (';'-separated). Every revision is checked
+out once into its own git worktree (under --worktrees), and rounds alternate
+the contenders, so that a drifting machine affects them alike. One run is
+
+  python -m ssl_jax.main --config=configs/vicreg_it.py --workdir=<fresh folder>
+
+in that worktree, timed from outside (wall clock, the process's start-up and
+imports included), with the float32 matmul rate measured right before it.
+Caches start empty in every run (a fresh JAX compilation cache and baseline
+cache), as on a new machine; --warm keeps one cache per contender across its
+rounds instead, which times a second run or a resume.
+
+The breakdown comes from the run's summary.json ('time_breakdown_sec', written
+since this benchmark exists): start-up (imports, building, dataset), the first
+step (compilation), the steps, the periodic work (online probe, diagnostics,
+metrics, checkpoints) and the final evaluation (features, linear probe, kNN,
+baselines). A revision without it is split into pretraining and evaluation
+only. Results: --results.{json,md}.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import train_step as step_bench   # benchmarks/: matmul_peak, cpu_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = ['-m', 'ssl_jax.main', '--config=configs/vicreg_it.py']
+PERIODIC = ('online probe evaluation', 'training diagnostics', 'metrics', 'checkpoints')
+
+
+def parse_contender(text):
+  rev, _, flags = text.partition(':')
+  return rev, [f for f in flags.split(';') if f]
+
+
+def worktree(rev, folder):
+  """A detached worktree of rev (resolved to its commit) under folder; its path."""
+  commit = subprocess.run(['git', 'rev-parse', rev], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  path = os.path.join(folder, commit[:12])
+  if not os.path.isdir(path):
+    subprocess.run(['git', 'worktree', 'add', '--detach', '-f', path, commit], cwd=ROOT,
+                   check=True, capture_output=True)
+  return commit, path
+
+
+def breakdown(summary):
+  """Seconds by part: start-up, compilation, steps, periodic, evaluation parts."""
+  parts = summary.get('time_breakdown_sec')
+  if not parts:
+    return {'pretraining': summary['train_time_sec'],
+            'evaluation': summary.get('eval_time_sec', 0.0)}
+  out = {'start-up': parts.get('start-up', 0.0),
+         'first step (compilation)': parts.get('first step (compilation)', 0.0),
+         'steps': parts.get('steps', 0.0),
+         'periodic work': sum(parts.get(k, 0.0) for k in PERIODIC)}
+  out.update({k: v for k, v in parts.items() if k.startswith('evaluation')})
+  return out
+
+
+def run_once(path, flags, workdir, caches):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(caches, 'jax'),
+             SSL_JAX_CACHE_DIR=os.path.join(caches, 'ssl_jax'))
+  start = time.perf_counter()
+  done = subprocess.run([sys.executable] + COMMAND + [f'--workdir={workdir}'] + flags,
+                        cwd=path, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f'run in {path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  parts = breakdown(summary)
+  parts['imports and process start'] = max(0.0, wall - summary['wall_time_sec'])
+  return {'wall_sec': wall, 'breakdown_sec': parts,
+          'linear_test_acc': summary['eval']['linear_test_acc'],
+          'knn20_test_acc': summary['eval'].get('knn20_test_acc'),
+          'raw_pixels_linear': summary.get('baseline_raw_pixels', {}).get('linear_test_acc'),
+          'random_init_linear': summary.get('baseline_random_init', {}).get('linear_test_acc'),
+          'steps': summary['steps']}
+
+
+def markdown(result):
+  lines = [f'# Default run, end to end ({result["cpu"]})', '',
+           f'`python benchmarks/default_run.py {" ".join(result["argv"])}`; each run is '
+           '`python -m ssl_jax.main --config=configs/vicreg_it.py` in a worktree of the '
+           'revision, caches ' + ('kept per contender (--warm)' if result['warm']
+                                  else 'empty at every run') + '. Medians over rounds.', '',
+           '| contender | commit | runs | wall (s) | vs first | linear | kNN-20 | matmul '
+           'GFLOP/s |', '|---|---|---|---|---|---|---|---|']
+  first = None
+  for name, entry in result['contenders'].items():
+    runs = entry['runs']
+    wall = statistics.median(r['wall_sec'] for r in runs)
+    first = first or wall
+    lines.append(
+        f'| {name} | {entry["commit"][:10]} | {len(runs)} | {wall:.0f} | {first / wall:.2f}x '
+        f'| {100 * statistics.median(r["linear_test_acc"] for r in runs):.2f}% '
+        f'| {100 * statistics.median(r["knn20_test_acc"] or 0 for r in runs):.2f}% '
+        f'| {", ".join(f"{r["gflops"]:.0f}" for r in runs)} |')
+  lines += ['', '## Where the time goes (seconds, median over rounds)', '']
+  for name, entry in result['contenders'].items():
+    parts = sorted({k for r in entry['runs'] for k in r['breakdown_sec']})
+    lines += [f'**{name}**', '', '| part | seconds | share |', '|---|---|---|']
+    wall = statistics.median(r['wall_sec'] for r in entry['runs'])
+    for part in parts:
+      seconds = statistics.median(r['breakdown_sec'].get(part, 0.0) for r in entry['runs'])
+      lines.append(f'| {part} | {seconds:.1f} | {100 * seconds / wall:.0f}% |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--contenders', default='f2efaf6,HEAD')
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--warm', action='store_true')
+  parser.add_argument('--worktrees', default=os.path.join(tempfile.gettempdir(),
+                                                          'ssl_jax_default_run'))
+  parser.add_argument('--root', default='runs/default_run')
+  parser.add_argument('--results', default='results/default_run')
+  args = parser.parse_args()
+  contenders = {}
+  for text in args.contenders.split(','):
+    rev, flags = parse_contender(text)
+    commit, path = worktree(rev, args.worktrees)
+    contenders[text] = {'commit': commit, 'path': path, 'flags': flags, 'runs': []}
+  result = {'cpu': step_bench.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
+            'contenders': contenders}
+  for round_ in range(args.rounds):
+    for name, entry in contenders.items():
+      workdir = os.path.abspath(os.path.join(args.root, f'{entry["commit"][:10]}_{round_}'))
+      shutil.rmtree(workdir, ignore_errors=True)
+      caches = os.path.abspath(os.path.join(args.root, 'caches', entry['commit'][:10]
+                                            + (f'_{round_}' if not args.warm else '')))
+      if not args.warm:
+        shutil.rmtree(caches, ignore_errors=True)
+      gflops = step_bench.matmul_peak() / 1e9
+      print(f'round {round_ + 1}/{args.rounds}: {name} ({gflops:.0f} GFLOP/s)', flush=True)
+      run = run_once(entry['path'], entry['flags'], workdir, caches)
+      run['gflops'] = gflops
+      entry['runs'].append(run)
+      print(f'  {run["wall_sec"]:.0f} s, linear {100 * run["linear_test_acc"]:.2f}%: '
+            + ', '.join(f'{k} {v:.0f}' for k, v in run['breakdown_sec'].items()), flush=True)
+      os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
+      with open(args.results + '.json', 'w') as f:
+        json.dump(result, f, indent=1)
+      with open(args.results + '.md', 'w') as f:
+        f.write(markdown(result) + '\n')
+  print(markdown(result))
+
+
+if __name__ == '__main__':
+  main()
