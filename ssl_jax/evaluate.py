@@ -14,7 +14,10 @@ their parts:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -100,21 +103,26 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   probe = train_step_lib.init_probe(f, num_classes)
   opt_state = tx.init(probe)
 
-  def step(carry, idx):
+  def step(carry, batch):
     probe, opt_state = carry
+    x, y = batch
     (loss, _), grads = jax.value_and_grad(train_step_lib.probe_loss, has_aux=True)(
-        probe, tr[idx], tr_y[idx])
+        probe, x, y)
     updates, opt_state = tx.update(grads, opt_state, probe)
     return (optax.apply_updates(probe, updates), opt_state), loss
 
   @jax.jit
-  def epoch(carry, key):
+  def epoch(carry, key, tr, tr_y):
+    # One gather per epoch into the shuffled order, then contiguous batches: the
+    # same batches as gathering each one, without a strided gather per step.
     perm = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
-    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, batch_size))
+    xs = tr[perm].reshape(steps_per_epoch, batch_size, f)
+    ys = tr_y[perm].reshape(steps_per_epoch, batch_size)
+    return jax.lax.scan(step, carry, (xs, ys))
 
   carry = (probe, opt_state)
   for key in jax.random.split(jax.random.key(seed), epochs):
-    carry, _ = epoch(carry, key)
+    carry, _ = epoch(carry, key, tr, tr_y)
   probe = carry[0]
   train_loss, train_acc = train_step_lib.probe_loss(probe, tr, tr_y)
   test_loss, test_acc = train_step_lib.probe_loss(probe, te, te_y)
@@ -127,7 +135,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, num_classes: int, ks: Sequence[int] = (20, 200),
-                 temperature: float = 0.07, chunk: int = 500) -> dict[int, float]:
+                 temperature: float = 0.07, chunk: int = 1000) -> dict[int, float]:
   """Weighted cosine kNN accuracy on test for each k (votes exp(sim / T))."""
   if temperature <= 0:
     raise ValueError(f'kNN temperature must be > 0, got {temperature}.')
@@ -137,18 +145,23 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   tr = jnp.asarray(normalize(train_x), jnp.float32)
   tr_y = jnp.asarray(train_y, jnp.int32)
 
+  # The train features are an argument, not a closed-over constant: as a
+  # constant, 60,000 x 512 floats were folded into the compiled program, which
+  # took longer to compile than the search itself.
   @jax.jit
-  def predict(q):
+  def predict(q, tr, tr_y):
     sims, idx = jax.lax.top_k(q @ tr.T, kmax)            # [C, kmax]
     votes = jax.nn.one_hot(tr_y[idx], num_classes) * jnp.exp(sims / temperature)[..., None]
     return jnp.stack([jnp.argmax(jnp.sum(votes[:, :k], axis=1), -1) for k in ks])
 
   correct = np.zeros(len(ks))
   te = normalize(test_x).astype(np.float32)
+  chunk = min(chunk, len(te))
   for start in range(0, len(te), chunk):
     q = te[start:start + chunk]
     pad = chunk - len(q)  # one compiled shape
-    preds = np.asarray(predict(jnp.asarray(np.pad(q, ((0, pad), (0, 0))))))[:, :len(q)]
+    preds = np.asarray(predict(jnp.asarray(np.pad(q, ((0, pad), (0, 0)))), tr, tr_y)
+                       )[:, :len(q)]
     correct += (preds == test_y[start:start + chunk][None]).sum(1)
   return {k: float(c / len(te)) for k, c in zip(ks, correct)}
 
@@ -176,14 +189,20 @@ def embedding_statistics(features: np.ndarray, max_examples: int = 2048) -> dict
   except the effective rank.
   """
   z = jnp.asarray(features[:max_examples], jnp.float32)
+  return {k: float(v) for k, v in jax.device_get(_embedding_statistics(z)).items()}
+
+
+@jax.jit
+def _embedding_statistics(z):
+  """One compiled program for all five (compiling each apart cost seconds)."""
   return {
-      'effective_rank': float(estimators.effective_rank(z)),
-      'entropy_logdet': float(estimators.logdet_entropy(z, beta=1.0)[0]),
-      'entropy_pairwise_upper': float(estimators.pairwise_entropy(
-          z, sigma_mode='median', bound='upper')[0]),
-      'entropy_pairwise_lower': float(estimators.pairwise_entropy(
-          z, sigma_mode='median', bound='lower')[0]),
-      'entropy_gaussian': float(estimators.gaussian_entropy(z, eps=1e-6)[0]),
+      'effective_rank': estimators.effective_rank(z),
+      'entropy_logdet': estimators.logdet_entropy(z, beta=1.0)[0],
+      'entropy_pairwise_upper': estimators.pairwise_entropy(
+          z, sigma_mode='median', bound='upper')[0],
+      'entropy_pairwise_lower': estimators.pairwise_entropy(
+          z, sigma_mode='median', bound='lower')[0],
+      'entropy_gaussian': estimators.gaussian_entropy(z, eps=1e-6)[0],
   }
 
 
@@ -226,6 +245,69 @@ def make_online_test_eval(config, run, mesh, feature_fn):
     return probe_accuracy(state.probe_params, features, labels)
 
   return accuracy
+
+
+# Bump when the probes' protocol changes, so that cached baselines are recomputed.
+BASELINE_PROTOCOL = 1
+
+
+def cache_dir() -> str:
+  """Where ssl_jax keeps results worth reusing across runs (SSL_JAX_CACHE_DIR)."""
+  return os.environ.get('SSL_JAX_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'ssl_jax')
+
+
+def baseline_key(config, run) -> dict[str, Any]:
+  """Everything the baselines' numbers depend on: data, evaluation, model, seed, backend."""
+  from ssl_jax import conv
+  ev = config.eval
+  return {
+      'protocol': BASELINE_PROTOCOL, 'dataset': config.data.name,
+      'train_split': str(run.spec.train_split), 'test_split': str(run.spec.test_split),
+      'image_size': run.image_size,
+      'eval': {k: ev[k] for k in ('batch_size', 'linear_epochs', 'linear_lr',
+                                  'linear_batch_size', 'knn_k', 'knn_temperature',
+                                  'max_train_examples', 'max_test_examples')},
+      # The encoder is built first from the seed's key stream, so its initial
+      # weights do not depend on the projector or predictor: every method with
+      # the same encoder shares one random-init baseline.
+      'encoder': config.model.encoder.to_dict(), 'dtype': config.model.get('dtype', 'float32'),
+      'seed': int(config.seed), 'backend': jax.default_backend(),
+      'conv_route': conv.resolve_route(config.model.get('conv_route', 'auto')),
+  }
+
+
+def cached_baselines(key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+                     ) -> tuple[dict[str, Any], Optional[str]]:
+  """The baselines of `key` from the cache, else computed and cached; (result, path).
+
+  Raw pixels and the random-init encoder do not depend on the pretraining, so
+  every run of a dataset and model computes the same numbers: the first run
+  pays for them (about as much as the trained encoder's own evaluation), the
+  others read them. A run of several processes computes them (every process
+  must take part in the feature extraction) and does not cache.
+  """
+  if jax.process_count() > 1:
+    return compute(), None
+  text = json.dumps(key, sort_keys=True, default=str)
+  path = os.path.join(cache_dir(), 'baselines',
+                      hashlib.sha256(text.encode()).hexdigest()[:20] + '.json')
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get('key') == json.loads(text):
+      return cached['baselines'], path
+  except (OSError, ValueError, KeyError):
+    pass   # absent or unreadable: compute it again
+  result = compute()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + f'.tmp{os.getpid()}', 'w') as f:
+      json.dump({'key': json.loads(text), 'baselines': result}, f, indent=1)
+    os.replace(path + f'.tmp{os.getpid()}', path)
+  except OSError:
+    return result, None   # a read-only home: the run still has its numbers
+  return result, path
 
 
 def final_evaluation(config, run, state, mesh, feature_fn, timer=None) -> dict[str, Any]:
@@ -272,18 +354,23 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None) -> dict[s
   with section('evaluation: embedding statistics'):
     out['eval'].update(embedding_statistics(test[0]))
   if ev.baselines:
-    with section('evaluation: baselines'):
+    def baselines():
       # Same architecture at initialisation, and raw pixels: what SSL must beat.
       # (The model is rebuilt from the seed: run.state's buffers were donated to
       # the first training step.)
       random_model = models.create_model(config.model, spec.channels,
                                          with_predictor=run.with_predictor, seed=config.seed)
       _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
-      out['baseline_random_init'] = probes(*features_of(r_params, r_stats), timed=False)
       p_train = raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
                            spec.mean, spec.std)
       p_test = raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
                           spec.mean, spec.std)
-      out['baseline_raw_pixels'] = probes(p_train, p_test, timed=False)
+      return {'baseline_random_init': probes(*features_of(r_params, r_stats), timed=False),
+              'baseline_raw_pixels': probes(p_train, p_test, timed=False)}
+
+    with section('evaluation: baselines'):
+      result, path = cached_baselines(baseline_key(config, run), baselines)
+    out.update(result)
+    out['baselines_cache'] = path
   out['eval_time_sec'] = time.time() - t0
   return out

@@ -154,6 +154,18 @@ def _wait_for_coordinator(address: str, timeout: float, explain: str) -> None:
       time.sleep(0.5)
 
 
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache, so that a second run or a resume does not
+  compile its step again: JAX_COMPILATION_CACHE_DIR if set, else
+  $SSL_JAX_CACHE_DIR/jax (default ~/.cache/ssl_jax/jax). Programs that compile
+  in under a second are not stored (JAX's default threshold)."""
+  import jax
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    root = os.environ.get('SSL_JAX_CACHE_DIR') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'ssl_jax')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(root, 'jax'))
+
+
 def workdir_of(f: Flags, config) -> str:
   return f.workdir.value or os.path.join('runs', config.method)
 
@@ -196,6 +208,7 @@ def main(argv, f: Flags):
     raise app.UsageError('--config is required, e.g. --config=configs/vicreg_it.py')
   initialize_distributed(f)
   import jax
+  enable_compilation_cache()
   from ssl_jax import checkpointing
   from ssl_jax import workdir_lock
   workdir = workdir_of(f, config)

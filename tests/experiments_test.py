@@ -8,10 +8,13 @@ import subprocess
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 from scipy import stats
 
+from ssl_jax import experiment_report
 from ssl_jax import experiments
+from ssl_jax import grid
 
 
 def experiment_config(**overrides):
@@ -41,19 +44,19 @@ def fake_result(cell, linear, knn=0.5, rank=10.0):
 # ------------------------------------------------------------------ planning
 
 def test_overrides_are_parsed_and_bad_ones_named():
-  assert experiments.parse_overrides(' optim.base_lr=0.3, variant=add ') == {
+  assert grid.parse_overrides(' optim.base_lr=0.3, variant=add ') == {
       'optim.base_lr': '0.3', 'variant': 'add'}
   with pytest.raises(ValueError, match="'optim.base_lr' must look like 'key=value'"):
-    experiments.parse_overrides('optim.base_lr')
+    grid.parse_overrides('optim.base_lr')
 
 
 def test_tuning_evaluates_on_validation_and_final_on_test():
   exp = experiment_config()
-  tune = experiments.tuning_cells(exp)
+  tune = grid.tuning_cells(exp)
   assert [c.name for c in tune] == ['vicreg__tune0__s0', 'vicreg_it__tune0__s0',
                                     'vicreg__tune1__s0']
   assert all(dict(c.overrides)['data.eval_on'] == 'validation' for c in tune)
-  final = experiments.final_cells(exp, {'vicreg': 1, 'vicreg_it': 0})
+  final = grid.final_cells(exp, {'vicreg': 1, 'vicreg_it': 0})
   assert all(dict(c.overrides)['data.eval_on'] == 'test' for c in final)
   assert dict(final[0].overrides)['optim.base_lr'] == '1.0'      # vicreg's chosen trial
   command = final[0].command('w')
@@ -62,76 +65,72 @@ def test_tuning_evaluates_on_validation_and_final_on_test():
 
 def test_the_best_validation_trial_is_chosen_once_all_trials_are_in():
   exp = experiment_config()
-  tune = {c.name: c for c in experiments.tuning_cells(exp)}
+  tune = {c.name: c for c in grid.tuning_cells(exp)}
   results = {'vicreg__tune0__s0': fake_result(tune['vicreg__tune0__s0'], 0.7)}
-  assert experiments.choose_trials(exp, results)['vicreg'] is None   # trial 1 missing
+  assert grid.choose_trials(exp, results)['vicreg'] is None   # trial 1 missing
   results['vicreg__tune1__s0'] = fake_result(tune['vicreg__tune1__s0'], 0.8)
-  assert experiments.choose_trials(exp, results)['vicreg'] == 1
-  assert all(c.trial < 0 for c in experiments.final_cells(
-      exp, experiments.choose_trials(exp, results)) if c.method == 'vicreg_it')
+  assert grid.choose_trials(exp, results)['vicreg'] == 1
+  assert all(c.trial < 0 for c in grid.final_cells(
+      exp, grid.choose_trials(exp, results)) if c.method == 'vicreg_it')
 
 
 def test_a_diverged_trial_is_recorded_never_chosen_and_shown():
   exp = experiment_config()
-  tune = {c.name: c for c in experiments.tuning_cells(exp)}
+  tune = {c.name: c for c in grid.tuning_cells(exp)}
   log = ('pretrain: 66%\nssl_jax.train.NonFiniteLossError: Non-finite loss (nan) at step 198 '
          '(checked up to step 200); the last good checkpoint is step 100\n')
-  diverged = experiments.diverged_result(tune['vicreg__tune1__s0'], log, 60.0, 'abc')
+  diverged = grid.diverged_result(tune['vicreg__tune1__s0'], log, 60.0, 'abc', 'def',
+                                     config={'method': 'vicreg'})
   assert diverged['status'] == 'diverged' and 'step 198' in diverged['error']
-  assert experiments.diverged_result(tune['vicreg__tune1__s0'], 'Killed\n', 1.0, 'a') is None
+  assert grid.diverged_result(tune['vicreg__tune1__s0'], 'Killed\n', 1.0, 'a', 'b') is None
   results = {'vicreg__tune0__s0': fake_result(tune['vicreg__tune0__s0'], 0.7),
              'vicreg__tune1__s0': diverged,
              'vicreg_it__tune0__s0': fake_result(tune['vicreg_it__tune0__s0'], 0.8)}
-  assert experiments.choose_trials(exp, results) == {'vicreg': 0, 'vicreg_it': 0}
-  table = experiments.markdown(exp, results, experiments.summarise(exp, results))
+  assert grid.choose_trials(exp, results) == {'vicreg': 0, 'vicreg_it': 0}
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
   assert '| vicreg | 1 | variant=smoke, optim.base_lr=1.0 | diverged (non-finite loss) |' in table
-  assert experiments.all_trials_diverged(exp, results) == frozenset()
+  assert grid.all_trials_diverged(exp, results) == frozenset()
 
 
 def test_a_method_whose_every_trial_diverged_gets_no_final_cells_and_fails_its_claim():
   exp = experiment_config()
-  tune = {c.name: c for c in experiments.tuning_cells(exp)}
+  tune = {c.name: c for c in grid.tuning_cells(exp)}
   log = 'ssl_jax.train.NonFiniteLossError: Non-finite loss (nan) at step 76\n'
   results = {'vicreg__tune0__s0': fake_result(tune['vicreg__tune0__s0'], 0.7),
              'vicreg__tune1__s0': fake_result(tune['vicreg__tune1__s0'], 0.72),
-             'vicreg_it__tune0__s0': experiments.diverged_result(
-                 tune['vicreg_it__tune0__s0'], log, 60.0, 'abc')}
-  skip = experiments.all_trials_diverged(exp, results)
+             'vicreg_it__tune0__s0': grid.diverged_result(
+                 tune['vicreg_it__tune0__s0'], log, 60.0, 'abc', 'def')}
+  skip = grid.all_trials_diverged(exp, results)
   assert skip == frozenset({'vicreg_it'})
-  finals = experiments.final_cells(exp, experiments.choose_trials(exp, results), skip=skip)
+  finals = grid.final_cells(exp, grid.choose_trials(exp, results), skip=skip)
   assert {c.method for c in finals} == {'vicreg'} and all(c.trial == 1 for c in finals)
-  summary = experiments.summarise(exp, results)
+  summary = experiment_report.summarise(exp, results)
   assert summary['chosen_trial'] == {'vicreg': 1, 'vicreg_it': None}
   assert summary['final']['vicreg_it']['all_trials_diverged']
   claim = summary['claims'][0]
   assert (claim['variant'], claim['base']) == ('vicreg_it', 'vicreg')
-  assert claim['linear_test_acc']['verdict'].startswith('not reproduced: every tuning trial')
-  table = experiments.markdown(exp, results, summary)
+  assert claim['verdict'].startswith('not reproduced: every tuning trial')
+  table = experiment_report.markdown(exp, results, summary)
   assert '| vicreg_it | 0 | every tuning trial diverged' in table
   # A method with one trial still unfinished is not given up on.
   del results['vicreg__tune1__s0']
-  results['vicreg__tune0__s0'] = experiments.diverged_result(
-      tune['vicreg__tune0__s0'], log, 60.0, 'abc')
-  assert 'vicreg' not in experiments.all_trials_diverged(exp, results)
+  results['vicreg__tune0__s0'] = grid.diverged_result(
+      tune['vicreg__tune0__s0'], log, 60.0, 'abc', 'def')
+  assert 'vicreg' not in grid.all_trials_diverged(exp, results)
 
 
 @pytest.mark.parametrize('shards', [1, 2, 3])
 def test_shards_cover_every_cell_exactly_once(shards):
   exp = experiment_config()
-  cells = experiments.tuning_cells(exp) + experiments.final_cells(exp, {'vicreg': 0,
+  cells = grid.tuning_cells(exp) + grid.final_cells(exp, {'vicreg': 0,
                                                                        'vicreg_it': 0})
-  covered = [c.name for i in range(shards) for c in experiments.in_shard(cells, (i, shards))]
+  covered = [c.name for i in range(shards) for c in grid.in_shard(cells, (i, shards))]
   assert sorted(covered) == sorted(c.name for c in cells)
   with pytest.raises(ValueError, match='--shard'):
-    experiments.parse_shard('2/2')
+    grid.parse_shard('2/2')
 
 
 # --------------------------------------------------------------- aggregation
-
-def test_t_quantiles_match_scipy():
-  for df in list(range(1, 40)) + [60, 100, 1000]:
-    assert experiments.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4)
-
 
 def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
   exp = experiment_config()
@@ -141,7 +140,7 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
   vicreg = [0.80, 0.82, 0.81]
   vicreg_it = [0.85, 0.86, 0.87]
   exp.final_seeds = (0, 1, 2)
-  cells = experiments.tuning_cells(exp) + experiments.final_cells(exp, chosen)
+  cells = grid.tuning_cells(exp) + grid.final_cells(exp, chosen)
   for cell in cells:
     if cell.stage == 'tune':
       value = 0.9 if cell.trial == 0 else 0.1
@@ -151,17 +150,24 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
   readme = tmp_path / 'README.md'
   readme.write_text('# ssl_jax\nbefore\n<!-- results:tiny:start -->\nold\n'
                     '<!-- results:tiny:end -->\nafter\n')
-  summary = experiments.aggregate(exp, str(tmp_path), str(readme))
+  summary = experiment_report.aggregate(exp, str(tmp_path), str(readme))
 
   # By hand: mean 0.81, sample sd 0.01, t_{0.975, 2} = 4.302653, n = 3.
   mean, half, n = summary['final']['vicreg']['stats']['linear_test_acc']
   assert n == 3 and mean == pytest.approx(0.81)
   assert half == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-4)
   # Paired differences 0.05, 0.04, 0.06: mean 0.05, sd 0.01.
-  claim = summary['claims'][0]['linear_test_acc']
-  assert claim['mean_diff'] == pytest.approx(0.05)
-  assert claim['ci95_half'] == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-4)
-  assert claim['verdict'].startswith('reproduced')
+  # One claim: Holm's level is alpha itself. t = 0.05 / (0.01 / sqrt(3)) = 8.660,
+  # two-sided p with 2 df = 2 / (2 + t^2)^(1/2) * ... = 0.01307 (t distribution, 2 df:
+  # P(|T| > t) = 1 - t / sqrt(2 + t^2)).
+  claim = summary['claims'][0]
+  assert claim['linear_test_acc']['mean_diff'] == pytest.approx(0.05)
+  assert claim['linear_test_acc']['half'] == pytest.approx(4.302653 * 0.01 / math.sqrt(3),
+                                                           rel=1e-4)
+  assert claim['p_value'] == pytest.approx(1 - 8.660254 / math.sqrt(2 + 8.660254 ** 2),
+                                           rel=1e-4)
+  assert claim['holm_level'] == 0.05 and claim['rejected']
+  assert claim['verdict'] == 'reproduced'
   assert summary['chosen_trial'] == {'vicreg': 0, 'vicreg_it': 0}
   table = (tmp_path / 'tiny.md').read_text()
   assert '| vicreg | 3 | 81.00 ± 2.48 |' in table
@@ -177,27 +183,83 @@ def test_aggregation_matches_a_hand_computed_student_t_interval(tmp_path):
 
 def test_a_method_below_a_quarter_of_vicregs_effective_rank_is_named_collapsed():
   exp = experiment_config()
-  cells = experiments.tuning_cells(exp) + experiments.final_cells(exp, {'vicreg': 0,
+  cells = grid.tuning_cells(exp) + grid.final_cells(exp, {'vicreg': 0,
                                                                       'vicreg_it': 0})
   results = {c.name: fake_result(c, 0.8, rank=(2.0 if c.method == 'vicreg_it' else 10.0))
              for c in cells}
-  table = experiments.markdown(exp, results, experiments.summarise(exp, results))
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
   assert "share of vicreg's: vicreg_it 0.20. Below 0.25 counts as collapsed: vicreg_it." in table
 
 
-def test_verdicts():
-  assert experiments.verdict(0.02, 0.01, 3).startswith('reproduced')
-  assert experiments.verdict(-0.02, 0.01, 3).startswith('not reproduced')
-  assert experiments.verdict(0.005, 0.01, 3).startswith('inconclusive at this budget')
-  assert experiments.verdict(0.02, math.nan, 1).startswith('inconclusive: fewer than 2')
+def test_verdicts_follow_the_printed_rule():
+  verdict = experiment_report.verdict
+  assert verdict(0.02, 0.01, 5, True, 0.0, 0.01) == 'reproduced'
+  # The linear interval is above 0 but kNN-20 went the other way.
+  assert verdict(0.02, 0.01, 5, True, -0.001, 0.01).startswith(
+      'inconclusive (the kNN-20 difference is below 0)')
+  assert verdict(-0.02, 0.01, 5, False, 0.0, 0.01).startswith('not reproduced: the base')
+  # Contains 0 but excludes every gain of 1 point or more.
+  assert verdict(0.002, 0.005, 5, False, 0.0, 0.01).startswith(
+      'not reproduced: the corrected interval excludes gains of 1 point')
+  text = verdict(0.005, 0.01, 5, False, 0.0, 0.0123)
+  assert text.startswith('inconclusive (the corrected interval contains 0)') and '1.23 points' in text
+  assert verdict(0.02, math.nan, 1, False, 0.0, math.nan).startswith('inconclusive: fewer than 2')
+
+
+def test_holm_bonferroni_on_a_textbook_example():
+  # Sorted p: 0.005 <= 0.05/4, 0.01 <= 0.05/3, 0.03 > 0.05/2: the last two are kept.
+  levels, rejected = experiment_report.holm_levels([0.01, 0.04, 0.03, 0.005])
+  assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
+  assert rejected == [True, False, False, True]
+  # A p that passes its own level after a failure is still not rejected (step-down).
+  # 0.03 > 0.05 / 2 stops the procedure, so 0.04 < 0.05 is not rejected either.
+  assert experiment_report.holm_levels([0.04, 0.03])[1] == [False, False]
+  assert experiment_report.holm_levels([0.02, 0.011])[1] == [True, True]
+
+
+@pytest.mark.parametrize('n, level', [(5, 0.05 / 4), (5, 0.05), (3, 0.05)])
+def test_the_detectable_difference_is_rejected_80_percent_of_the_time(n, level):
+  """Monte-Carlo: paired t-tests of n seeds whose true mean difference is the
+  detectable one reject at `level` in 80% of 40,000 simulated experiments."""
+  sd = 0.004
+  effect = experiment_report.detectable_difference(sd, n, level)
+  rng = np.random.default_rng(0)
+  diffs = rng.normal(effect, sd, size=(40_000, n))
+  t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(n))
+  rejected = np.mean(np.abs(t) > stats.t.ppf(1 - level / 2, n - 1))
+  assert rejected == pytest.approx(0.80, abs=0.01)   # Monte-Carlo sd 0.002
+
+
+def test_the_budget_table_puts_methods_against_budgets_and_says_what_changed():
+  exp = experiment_config()
+  short = {'final': {'vicreg': {'seeds': [0, 1, 2], 'stats': {
+               'linear_test_acc': (0.85, 0.01, 3)}},
+                     'vicreg_it': {'seeds': [0, 1, 2], 'stats': {
+               'linear_test_acc': (0.87, 0.002, 3)}}},
+           'baselines': {'raw_pixels': {'linear_test_acc': (0.8442, math.nan, 1),
+                                        'seeds': [0]}},
+           'claims': [{'variant': 'vicreg_it', 'verdict': 'reproduced',
+                       'linear_test_acc': {'mean_diff': 0.02, 'half': 0.01}}]}
+  long = {'final': {'vicreg': {'seeds': [1, 2, 3, 4, 5], 'stats': {
+              'linear_test_acc': (0.89, 0.004, 5)}}, 'vicreg_it': {'seeds': [], 'stats': {}}},
+          'baselines': {},
+          'claims': [{'variant': 'vicreg_it', 'verdict': 'inconclusive (the corrected ...)',
+                      'linear_test_acc': {'mean_diff': 0.004, 'half': 0.006}}]}
+  table = experiment_report.budget_markdown([('300 steps', exp, short),
+                                             ('1000 steps', exp, long)])
+  assert '| vicreg | 85.00 ± 1.00 (3) | 89.00 ± 0.40 (5) |' in table
+  assert '| vicreg_it | 87.00 ± 0.20 (3) | - |' in table
+  assert '| *raw pixels* | 84.42 | - |' in table
+  assert ('- vicreg_it - vicreg: 300 steps: reproduced (2.00 ± 1.00 points); 1000 steps: '
+          'inconclusive (0.40 ± 0.60 points). The longer budget changed the verdict.') in table
 
 
 def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_path):
   """Only a completed tuning run of the same overrides, with its checkpoints, is reused."""
   exp = experiment_config()
   root, results = tmp_path / 'root', tmp_path / 'results'
-  tune = experiments.tuning_cells(exp)[0]                       # vicreg, trial 0, seed 0
-  finals = experiments.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
+  tune = grid.tuning_cells(exp)[0]                       # vicreg, trial 0, seed 0
+  finals = grid.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
   final_s0 = next(c for c in finals if c.method == 'vicreg' and c.seed == 0)
   final_s1 = next(c for c in finals if c.method == 'vicreg' and c.seed == 1)
   source = root / tune.name
@@ -208,23 +270,23 @@ def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_pat
              'eval': {'linear_test_acc': 0.8}}
   (source / 'summary.json').write_text(json.dumps(summary))
   result = dict(fake_result(tune, 0.8), status='completed', overrides=dict(tune.overrides))
-  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
+  grid.write_json(grid.result_path(str(results), exp, tune), result)
   reusable = lambda cell: experiments.reusable_pretraining(exp, str(root), str(results), cell)
 
   assert reusable(final_s0) == str(source)
   assert reusable(final_s1) is None            # another seed pretrains from scratch
   # Result files written before results had a 'status' count by their metrics.
   del result['status']
-  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
+  grid.write_json(grid.result_path(str(results), exp, tune), result)
   assert reusable(final_s0) == str(source)
   diverged = dict(result, status='diverged', metrics={})
-  experiments.write_json(experiments.result_path(str(results), exp, tune), diverged)
+  grid.write_json(grid.result_path(str(results), exp, tune), diverged)
   assert reusable(final_s0) is None
-  experiments.write_json(experiments.result_path(str(results), exp, tune), result)
+  grid.write_json(grid.result_path(str(results), exp, tune), result)
   assert reusable(tune) is None
   # The trial was redefined after the tuning run: its pretraining is not this cell's.
   exp.methods.vicreg.trials = ['variant=smoke, optim.base_lr=3.0', exp.methods.vicreg.trials[1]]
-  redefined = experiments.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
+  redefined = grid.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
   assert reusable(next(c for c in redefined if c.method == 'vicreg' and c.seed == 0)) is None
   exp.methods.vicreg.trials = experiment_config().methods.vicreg.trials
   # A tuning run stopped early (stop_at_step) is not reused.
@@ -240,8 +302,8 @@ def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_pat
   assert (workdir / 'metrics.jsonl').read_text() == '{"step": 40}\n'
   assert reusable(final_s0) is None            # the cell's own checkpoints are never replaced
   runner.record(final_s0, dict(summary, config={}, eval={'linear_test_acc': 0.79},
-                               wall_time_sec=20.0), 'abc')
-  recorded = experiments.load_results(str(results), exp)[final_s0.name]
+                               wall_time_sec=20.0), ('abc', 'def'))
+  recorded = grid.load_results(str(results), exp)[final_s0.name]
   assert recorded['pretraining_from'] == {'cell': tune.name, 'wall_time_sec': 123.0}
   assert recorded['wall_time_sec'] is None and recorded['eval_wall_time_sec'] == 20.0
   assert recorded['evaluated_on'] == 'test'
@@ -256,7 +318,7 @@ def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypa
   exp.methods = dict(vicreg=dict(config='configs/vicreg.py',
                                  trials=['variant=smoke, total_steps=40']))
   root, results = str(tmp_path / 'root'), str(tmp_path / 'results')
-  tune_cell = experiments.tuning_cells(exp)[0]
+  tune_cell = grid.tuning_cells(exp)[0]
   workdir = os.path.join(root, tune_cell.name)
 
   # Kill the tuning cell with SIGKILL once its first checkpoint is complete.
@@ -276,7 +338,7 @@ def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypa
   experiments.run(exp, root, results, (0, 1), parallel=1)
   log = open(os.path.join(workdir, 'log.txt')).read()
   assert 'resuming at step' in log
-  recorded = experiments.load_results(results, exp)
+  recorded = grid.load_results(results, exp)
   assert sorted(recorded) == ['vicreg__final__s0', 'vicreg__tune0__s0']
   assert recorded['vicreg__tune0__s0']['steps'] == 40
   assert recorded['vicreg__tune0__s0']['evaluated_on'] == 'validation'
