@@ -105,11 +105,12 @@ def markdown(result):
     runs = entry['runs']
     wall = statistics.median(r['wall_sec'] for r in runs)
     first = first or wall
+    rates = ', '.join(f'{r["gflops"]:.0f}' for r in runs)
     lines.append(
         f'| {name} | {entry["commit"][:10]} | {len(runs)} | {wall:.0f} | {first / wall:.2f}x '
         f'| {100 * statistics.median(r["linear_test_acc"] for r in runs):.2f}% '
         f'| {100 * statistics.median(r["knn20_test_acc"] or 0 for r in runs):.2f}% '
-        f'| {", ".join(f"{r["gflops"]:.0f}" for r in runs)} |')
+        f'| {rates} |')
   lines += ['', '## Where the time goes (seconds, median over rounds)', '']
   for name, entry in result['contenders'].items():
     parts = sorted({k for r in entry['runs'] for k in r['breakdown_sec']})

@@ -185,8 +185,8 @@ def embedding_statistics(features: np.ndarray, max_examples: int = 2048) -> dict
   effective_rank (Roy & Vetterli), log-det entropy (beta 1, 1/N covariance),
   the pairwise-distance mixture entropy's KL upper and Bhattacharyya lower
   bounds (median bandwidth) and the Gaussian entropy (ridge 1e-6: features
-  can be rank-deficient). All are in nats and depend on the features' scale
-  except the effective rank.
+  can be rank-deficient), in nats. All but the effective rank and the
+  *_standardized entries depend on the features' scale.
   """
   z = jnp.asarray(features[:max_examples], jnp.float32)
   return {k: float(v) for k, v in jax.device_get(_embedding_statistics(z)).items()}
@@ -194,8 +194,18 @@ def embedding_statistics(features: np.ndarray, max_examples: int = 2048) -> dict
 
 @jax.jit
 def _embedding_statistics(z):
-  """One compiled program for all five (compiling each apart cost seconds)."""
+  """One compiled program for all (compiling each apart cost seconds).
+
+  The *_standardized entries are of the features scaled to unit variance per
+  dimension (dead units left at 0): they do not change when the features are
+  rescaled, so they compare representations rather than scales.
+  """
+  sd = jnp.std(z, axis=0)
+  standardized = (z - jnp.mean(z, axis=0)) / jnp.where(sd > 0, sd, 1.0)
   return {
+      'entropy_logdet_standardized': estimators.logdet_entropy(standardized, beta=1.0)[0],
+      'entropy_pairwise_standardized': estimators.pairwise_entropy(
+          standardized, sigma_mode='median', bound='upper')[0],
       'effective_rank': estimators.effective_rank(z),
       'entropy_logdet': estimators.logdet_entropy(z, beta=1.0)[0],
       'entropy_pairwise_upper': estimators.pairwise_entropy(

@@ -223,7 +223,7 @@ class Runner:
     self.done += 1
 
   def poll(self) -> None:
-    for name, (cell, process, started, log, code) in list(self.running.items()):
+    for name, (cell, process, started, log, at_start) in list(self.running.items()):
       code = process.poll()
       if code is None:
         continue
@@ -232,7 +232,7 @@ class Runner:
       workdir = os.path.join(self.root, name)
       summary = finished_summary(workdir)
       if summary is not None:
-        self.record(cell, summary, code)
+        self.record(cell, summary, at_start)
         self.cell_seconds.append(time.time() - started)
         self.progress(f'finished {name} in {(time.time() - started) / 60:.1f} min '
                       f'({cost_text(summary)}): {grid.SELECTION_METRIC}='
@@ -240,7 +240,7 @@ class Runner:
         experiment_report.aggregate(self.experiment, self.results, self.readme)
         continue
       with open(os.path.join(workdir, 'log.txt')) as f:
-        diverged = grid.diverged_result(cell, f.read(), time.time() - started, *code,
+        diverged = grid.diverged_result(cell, f.read(), time.time() - started, *at_start,
                                         config=grid.workdir_config(workdir))
       if diverged is not None:
         grid.write_json(grid.result_path(self.results, self.experiment, cell), diverged)
@@ -306,8 +306,10 @@ def _run_locked(experiment, root: str, results: str, shard: tuple[int, int], par
           continue
         summary = finished_summary(os.path.join(root, cell.name))
         if summary is not None:   # finished earlier, result file lost: record, don't rerun
-          runner.record(cell, summary, ('unknown (finished before this runner started)',
-                                        'unknown'))
+          # Finished under an earlier runner whose record was lost: the code
+          # on disk now is the best evidence of what ran, and is marked so.
+          runner.record(cell, summary, (grid.git_commit() + ' (recorded after a restart)',
+                                        grid.code_sha256()))
           runner.progress(f'recorded finished {cell.name}')
           continue
         runner.start(cell)

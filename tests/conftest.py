@@ -22,6 +22,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 
+import importlib  # pylint: disable=g-import-not-at-top
+
+
 def pytest_configure(config):
   """Prepares Fashion-MNIST once, before pytest-xdist starts its workers.
 
@@ -34,7 +37,7 @@ def pytest_configure(config):
     from ssl_jax import cli
     from ssl_jax import input_pipeline
     with cli.stderr_to_devnull():   # TensorFlow's C++ start-up lines
-      import tensorflow  # pylint: disable=unused-import,import-outside-toplevel
+      importlib.import_module('tensorflow')
     input_pipeline.load_split('fashion_mnist', 'test')
   except Exception as error:  # pylint: disable=broad-except
     # The tests that need the data report the problem (and how to fix it) themselves.

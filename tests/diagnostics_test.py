@@ -13,8 +13,9 @@ import pytest
 from ssl_jax import diagnostics
 from ssl_jax import estimators
 from ssl_jax import models
-from ssl_jax import normality
 from ssl_jax import train
+from ssl_jax.diagnostics import gaussianity as normality
+from ssl_jax.diagnostics import selection
 
 
 # ---- Entropy estimators.
@@ -67,51 +68,6 @@ def test_conditional_entropy_bound_closed_form():
   np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 4.0), rtol=1e-6)
 
 
-def test_information_quantities_agree_with_the_estimators():
-  rng = np.random.default_rng(0)
-  z_a = rng.standard_normal((100, 20)).astype(np.float32) * np.linspace(0.1, 2, 20)
-  z_b = z_a + 0.1 * rng.standard_normal((100, 20)).astype(np.float32)
-  info = diagnostics.information_quantities(z_a, z_b, beta=0.5, alphas=(0.25, 0.5))
-  both = np.concatenate([z_a, z_b])
-  z = jnp.asarray(both)
-  cov = np.cov(both, rowvar=False, bias=True)
-  np.testing.assert_allclose(info['spectrum'], np.linalg.eigvalsh(cov)[::-1], rtol=1e-4)
-  np.testing.assert_allclose(info['logdet_entropy'],
-                             estimators.logdet_entropy(z, beta=0.5)[0], rtol=1e-5)
-  np.testing.assert_allclose(info['entropy_gaussian'], estimators.gaussian_entropy(
-      z, normalizer='n', eps=1e-6)[0], rtol=1e-5)
-  np.testing.assert_allclose(info['entropy_pairwise_lower'], estimators.pairwise_entropy(
-      z, sigma_mode='median', bound='lower')[0], rtol=1e-5)
-  np.testing.assert_allclose(info['entropy_pairwise_upper'], estimators.pairwise_entropy(
-      z, sigma_mode='median', bound='upper')[0], rtol=1e-5)
-  # log-det as a differential entropy: the Gaussian entropy of C + I / beta.
-  smoothed = 0.5 * 20 * math.log(2 * math.pi * math.e) + 0.5 * np.linalg.slogdet(
-      cov + np.eye(20) / 0.5)[1]
-  np.testing.assert_allclose(info['entropy_logdet'], smoothed, rtol=1e-5)
-  # The conditional model: s^2 = invariance / 2; the paper's q at the other view.
-  s2 = np.mean((z_a.astype(np.float64) - z_b) ** 2) / 2
-  assert info['within_image_variance'] == pytest.approx(s2, rel=1e-6)
-  assert info['conditional_entropy'] == pytest.approx(10 * math.log(2 * math.pi * math.e * s2))
-  assert info['conditional_entropy_paper'] == pytest.approx(
-      info['conditional_entropy'] + 10 * math.log(2), rel=1e-5)
-  # I(Z; X) of the mixture of N(mu_n, s^2 I): pairwise bounds within [0, log N],
-  # the Bhattacharyya one equal to the pairwise estimator's lower bound on the
-  # centres minus the component entropy; Chernoff(1/2) is Bhattacharyya.
-  centres = jnp.asarray((z_a + z_b) / 2)
-  sigma = math.sqrt(s2)
-  mixture_lower = float(estimators.pairwise_entropy(centres, sigma=sigma, bound='lower')[0])
-  assert info['mi_pairwise_lower'] == pytest.approx(
-      mixture_lower - info['conditional_entropy'], abs=1e-3)
-  assert 0 <= info['mi_pairwise_lower'] <= info['mi_pairwise_upper'] <= math.log(100) + 1e-6
-  assert info['mi_chernoff']['0.5'] == pytest.approx(info['mi_pairwise_lower'], rel=1e-6)
-  assert info['mi_chernoff']['0.25'] <= info['mi_pairwise_lower'] + 1e-6
-  centre_cov = np.cov((z_a + z_b) / 2, rowvar=False, bias=True)
-  assert info['mi_logdet'] == pytest.approx(
-      0.5 * np.linalg.slogdet(np.eye(20) + centre_cov / s2)[1], rel=1e-4)
-  assert info['mi_gaussian'] == pytest.approx(info['entropy_gaussian']
-                                              - info['conditional_entropy'])
-
-
 @pytest.mark.parametrize('k', [1, 3, 10])
 def test_effective_rank_of_a_constructed_rank_k_matrix(k):
   rng = np.random.default_rng(k)
@@ -140,17 +96,17 @@ def two_layer_net(always_active):
 
 def test_a_linear_network_has_locality_one_at_every_noise_scale():
   x = jax.random.normal(jax.random.key(0), (8, 10))
-  out = diagnostics.locality(two_layer_net(True), x, jax.random.key(3),
-                             scales=(1e-3, 1.0, 100.0), copies=16)
-  assert out['encoder'] == [1.0, 1.0, 1.0]
+  out = diagnostics.locality.locality(two_layer_net(True), x, jax.random.key(3),
+                             scales=(1e-3, 1.0, 100.0), copies=16, encoder_layers=1)
+  assert out['encoder'] == [1.0, 1.0, 1.0] and out['z_region'] == [1.0, 1.0, 1.0]
   assert np.all(np.asarray(out['per_layer']) == 1.0)
 
 
 def test_a_relu_network_under_huge_noise_has_locality_near_zero():
   x = jax.random.normal(jax.random.key(0), (8, 10))
-  out = diagnostics.locality(two_layer_net(False), x, jax.random.key(3),
-                             scales=(0.0, 1e3), copies=16)
-  assert out['encoder'] == [1.0, 0.0]
+  out = diagnostics.locality.locality(two_layer_net(False), x, jax.random.key(3),
+                             scales=(0.0, 1e3), copies=16, encoder_layers=1)
+  assert out['encoder'] == [1.0, 0.0] and out['z_region'] == [1.0, 0.0]
   agreement = np.asarray(out['unit_agreement'])
   assert np.all(agreement[0] == 1.0)
   assert np.all((agreement[1] > 0.3) & (agreement[1] < 0.7))  # sign of noise: a coin flip
@@ -237,23 +193,45 @@ def test_spearman_interval_and_label_free_selection(tmp_path):
   assert (rho, n) == (1.0, 6) and low > 0.5
   results = tmp_path / 'exp'
   results.mkdir()
-  for i in range(6):
-    metrics = {'linear_test_acc': 0.5 + 0.05 * i, 'effective_rank': 10.0 + i,
+  # Two methods. Within each, effective rank follows the accuracy; entropy_gaussian
+  # only separates the methods (higher for the better method, constant inside).
+  for i in range(8):
+    method = 'a' if i < 4 else 'b'
+    metrics = {'linear_test_acc': 0.5 + 0.05 * i, 'effective_rank': 10.0 + (i % 4),
                'entropy_logdet': -float(i), 'entropy_pairwise_upper': 1.0,
-               'entropy_pairwise_lower': 1.0, 'entropy_gaussian': float(i % 2)}
-    with open(results / f'm__tune{i}__s0.json', 'w') as f:
-      json.dump({'cell': f'm__tune{i}__s0', 'method': 'm', 'stage': 'tune',
+               'entropy_pairwise_lower': 1.0, 'entropy_gaussian': float(i >= 4)}
+    with open(results / f'{method}__tune{i}__s0.json', 'w') as f:
+      json.dump({'cell': f'{method}__tune{i}__s0', 'method': method, 'stage': 'tune',
                  'metrics': metrics}, f)
-  with open(results / 'm__final__s0.json', 'w') as f:   # final cells are not used
-    json.dump({'cell': 'm__final__s0', 'method': 'm', 'stage': 'final',
+  with open(results / 'a__final__s0.json', 'w') as f:   # final cells are not used
+    json.dump({'cell': 'a__final__s0', 'method': 'a', 'stage': 'final',
                'metrics': {'linear_test_acc': 0.0, 'effective_rank': 99.0}}, f)
   out = diagnostics.label_free_selection(str(results), str(tmp_path / 'sel'))
-  assert out['correlations']['effective_rank']['spearman'] == pytest.approx(1.0)
+  rank, gauss = out['correlations']['effective_rank'], out['correlations']['entropy_gaussian']
+  assert rank['within_method'] == {'a': pytest.approx(1.0), 'b': pytest.approx(1.0)}
+  assert (rank['pairs_correct'], rank['pairs']) == (12, 12) and rank['scale_free']
+  # Pooled, the between-method step makes entropy_gaussian look good, but it orders
+  # no pair of runs within a method. Ranks: (2.5 x4, 6.5 x4) against 1..8, so rho =
+  # 32 / sqrt(32 * 42) = 0.873.
+  assert gauss['spearman'] == pytest.approx(32 / math.sqrt(32 * 42), abs=1e-6)
+  assert (gauss['pairs_correct'], gauss['pairs']) == (0, 12)
+  assert math.isnan(gauss['within_method_mean']) and not gauss['scale_free']
   assert out['correlations']['entropy_logdet']['spearman'] == pytest.approx(-1.0)
-  assert out['correlations']['effective_rank']['n'] == 6
   assert math.isnan(out['correlations']['entropy_pairwise_upper']['spearman'])  # constant
   for ext in ('json', 'md', 'png'):
     assert os.path.getsize(tmp_path / f'sel.{ext}') > 100
+
+
+def test_the_cluster_bootstrap_is_wider_than_the_independent_interval_for_clustered_cells():
+  """Ten methods, each's five cells at one accuracy: the pooled cells look like 50
+  points but carry 10 independent ones; the methods-resampled interval says so."""
+  rng = np.random.default_rng(0)
+  acc = np.repeat(rng.normal(size=10), 5)
+  x = acc + 0.3 * np.repeat(rng.normal(size=10), 5) + 0.01 * rng.normal(size=50)
+  groups = np.repeat([f'm{i}' for i in range(10)], 5)
+  _, low, high, _ = selection.spearman_ci(x, acc)
+  b_low, b_high = selection.cluster_bootstrap(x, acc, groups)
+  assert b_high - b_low > 1.5 * (high - low)
 
 
 # ---- The command, end to end.
@@ -280,7 +258,7 @@ def test_diagnose_a_smoke_workdir(tmp_path):
   config.eval.baselines = False
   config.total_steps = 4
   train.train_and_evaluate(config, str(tmp_path))
-  settings = diagnostics.Settings(num_images=32, locality_images=4, locality_copies=4,
+  settings = diagnostics.Settings(num_images=80, locality_images=4, locality_copies=4,
                                   noise_scales=(1e-6, 10.0), gauss_images=3, gauss_views=20,
                                   gauss_dims=2, gauss_directions_1d=2, probe_train_images=64,
                                   probe_test_images=32, probe_epochs=2, batch_size=32)
@@ -296,12 +274,16 @@ def test_diagnose_a_smoke_workdir(tmp_path):
       info = r['information'][rep]
       assert all(math.isfinite(info[k]) for k in ('entropy_gaussian', 'entropy_logdet',
                                                   'entropy_pairwise_upper', 'mi_pairwise_lower',
+                                                  'mi_estimate', 'mi_gaussian_upper',
                                                   'conditional_entropy', 'effective_rank'))
+      assert info['views'] == 4 and info['model_check']['contradicted'] in (True, False)
       assert info['entropy_pairwise_lower'] <= info['entropy_pairwise_upper']
       assert 0.0 <= r['gaussianity'][rep]['henze_zirkler_pass_rate'] <= 1.0
     assert r['locality']['scales'] == [1e-6, 10.0]
     assert r['locality']['encoder'][1] == 0.0
-    assert len(r['locality']['per_layer'][0]) == 4   # the small CNN's four ReLU layers
+    # The small CNN's four ReLU layers, then the projector's one (smoke: 32-32).
+    assert len(r['locality']['per_layer'][0]) == 5
+    assert r['locality']['encoder_layers'] == 4
     assert r['generalisation']['probe_train_examples'] == 64
   for name in ('information', 'spectrum', 'locality', 'gaussianity', 'generalisation'):
     assert os.path.getsize(out / f'{name}.png') > 10_000

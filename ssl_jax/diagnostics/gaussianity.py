@@ -1,4 +1,4 @@
-"""Normality tests for the Gaussianity check of Z given X' (PAPER.md section 4b).
+"""Gaussianity of Z given X': normality tests of each image's views (PAPER.md section 4b).
 
 Host-side statistics on small samples (numpy, scipy):
 
