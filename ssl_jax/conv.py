@@ -31,6 +31,7 @@ depend on the route.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Sequence
 
@@ -47,12 +48,29 @@ ROUTES = ('auto', 'winograd', 'im2col', 'lax')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+CPU_ROUTE_SCOPE = 'ssl_jax_cpu_conv_route'
+_TARGET_PLATFORMS: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Resolves 'auto' for `platform` ('cpu', 'tpu', 'cuda', ...) instead of this
+  process's backend, while models are built inside: for lowering a step for an
+  accelerator on a CPU-only machine (ssl_jax.lowering)."""
+  _TARGET_PLATFORMS.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORMS.pop()
+
+
 def resolve_route(route: str) -> str:
   """'auto' -> 'winograd' on CPU, 'lax' on GPU/TPU; checks the name."""
   if route not in ROUTES:
     raise ValueError(f'model.conv_route must be one of {ROUTES}, got {route!r}.')
   if route == 'auto':
-    return 'winograd' if jax.default_backend() == 'cpu' else 'lax'
+    backend = _TARGET_PLATFORMS[-1] if _TARGET_PLATFORMS else jax.default_backend()
+    return 'winograd' if backend == 'cpu' else 'lax'
   return route
 
 
@@ -295,9 +313,12 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
     pads = padding
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   rhs = rhs.astype(lhs.dtype)
-  if use_winograd and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
-    return winograd.conv3x3(lhs, rhs, pads)
-  return conv2d(lhs, rhs, strides, pads)
+  # The scope names the CPU routes in lowered programs (and profiles):
+  # ssl_jax.lowering checks that an accelerator's step has none.
+  with jax.named_scope(CPU_ROUTE_SCOPE):
+    if use_winograd and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
+      return winograd.conv3x3(lhs, rhs, pads)
+    return conv2d(lhs, rhs, strides, pads)
 
 
 # Route 'winograd': the same function with Winograd for the layers it supports.
