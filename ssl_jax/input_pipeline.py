@@ -56,6 +56,7 @@ class DatasetSpec:
   variable_size: bool = False   # crops must be taken on the host
   cache: bool = False           # small enough to keep decoded in memory
   how_to_get: str = ''
+  note: str = ''                 # said once at the start of a run (an image folder's hold-out)
 
 
 _MANUAL = ('It cannot be downloaded by ssl_jax; prepare it once with TFDS where you have the '
@@ -87,17 +88,41 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
+IMAGE_FOLDER = 'image_folder'
+# An image folder's side, when data.image_size does not set it: the size its
+# augmentation preset was made for.
+PRESET_IMAGE_SIZE = {'fashion_mnist': 28, 'cifar': 32, 'imagenet': 224}
+_FOLDER_IMAGE_SIZE: dict[str, int] = {}   # data_dir -> side, set by spec_for
+_CACHE_BYTES = 2 << 30                    # decoded images kept in memory up to this
+
+
+def get_spec(name: str, data_dir: Optional[str] = None) -> DatasetSpec:
+  """The spec of a dataset; an image folder's is read from the folder in data_dir."""
+  if name == IMAGE_FOLDER:
+    return _folder_spec(data_dir)
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}. '
-                     'Set --config.data.name to one of them.')
+    raise ValueError(f'Unknown dataset {name!r}; known datasets: '
+                     f'{sorted(DATASETS) + [IMAGE_FOLDER]}. Set --config.data.name to one of '
+                     'them.')
   return DATASETS[name]
+
+
+def _folder_spec(data_dir: Optional[str]) -> DatasetSpec:
+  from ssl_jax.datasets import image_folder
+  folder = image_folder.scan(data_dir)
+  size = _FOLDER_IMAGE_SIZE.get(folder.root, 32)
+  train = len(folder.files['train'])
+  return DatasetSpec(
+      IMAGE_FOLDER, 'train', 'train', 'test' if 'test' in folder.files else '', size,
+      folder.channels, len(folder.classes), folder.mean, folder.std, train,
+      cache=(train + len(folder.files.get('test', ()))) * size * size * folder.channels
+      < _CACHE_BYTES)
 
 
 EVAL_ON = ('test', 'validation')
 
 
-def spec_for(data_config) -> DatasetSpec:
+def spec_for(data_config, aug_preset: Optional[str] = None) -> DatasetSpec:
   """The dataset spec of `config.data`, with its validation hold-out applied.
 
   data.holdout = K > 0 holds a fixed, class-balanced set of K images out of
@@ -106,7 +131,48 @@ def spec_for(data_config) -> DatasetSpec:
   the test split (for choosing hyper-parameters without touching the test
   split); 'test' evaluates on the test split.
   """
+  if data_config.name == IMAGE_FOLDER:
+    return _folder_spec_for(data_config, aug_preset)
   spec = get_spec(data_config.name)
+  return _with_holdout(spec, data_config)
+
+
+def _folder_spec_for(data_config, aug_preset: Optional[str]) -> DatasetSpec:
+  """An image folder's spec at data.image_size (default: the preset's), evaluated on
+  its test/ split, or on a class-balanced hold-out of train/ when it has none."""
+  from ssl_jax.datasets import image_folder
+  folder = image_folder.scan(data_config.get('data_dir'))
+  size = data_config.get('image_size') or PRESET_IMAGE_SIZE.get(aug_preset or '', 32)
+  _FOLDER_IMAGE_SIZE[folder.root] = int(size)
+  spec = get_spec(IMAGE_FOLDER, folder.root)
+  if spec.test_split or int(data_config.get('holdout', 0) or 0):
+    return _with_holdout(spec, data_config)
+  holdout = image_folder.holdout_size(folder)
+  held = _with_holdout(dataclasses.replace(spec, test_split='train'),
+                       _DataView(data_config, holdout=holdout, eval_on='validation'))
+  return dataclasses.replace(held, note=(
+      f'{folder.root} has no test/ split: evaluating on a class-balanced hold-out of '
+      f'{holdout} train images ({holdout // spec.num_classes} per class), which '
+      'pretraining and the probes do not see.'))
+
+
+class _DataView:
+  """config.data with some fields replaced (spec_for reads it through .get)."""
+
+  def __init__(self, data_config, **changes):
+    self._config, self._changes = data_config, changes
+
+  def get(self, key, default=None):
+    if key in self._changes:
+      return self._changes[key]
+    return self._config.get(key, default)
+
+  @property
+  def name(self):
+    return self._config.name
+
+
+def _with_holdout(spec: DatasetSpec, data_config) -> DatasetSpec:
   holdout = int(data_config.get('holdout', 0) or 0)
   eval_on = data_config.get('eval_on', 'test')
   if eval_on not in EVAL_ON:
@@ -121,6 +187,9 @@ def spec_for(data_config) -> DatasetSpec:
   if spec.pretrain_split != spec.train_split:
     raise ValueError(f'data.holdout needs a dataset pretrained on its labelled split; '
                      f'{data_config.name} pretrains on {spec.pretrain_split!r}.')
+  if not spec.test_split and eval_on == 'test':
+    raise ValueError(f'{data_config.name} has no test split; set data.holdout > 0 and '
+                     "data.eval_on='validation'.")
   if holdout % spec.num_classes:
     raise ValueError(f'data.holdout must be a multiple of the {spec.num_classes} classes '
                      f'(class-balanced), got {holdout}.')
@@ -184,7 +253,7 @@ def holdout_ids(name: str, full: str, count: int, data_dir: Optional[str] = None
   machine, process count and run. Keyed on ids (file and record), not on the
   position in a process's shard.
   """
-  per_class = count // get_spec(name).num_classes
+  per_class = count // get_spec(name, data_dir).num_classes
   by_class: dict[int, list[bytes]] = {}
   for record_id, label in record_ids(name, full, data_dir):
     by_class.setdefault(label, []).append(record_id)
@@ -216,7 +285,7 @@ def _fashion_mnist_builder(data_dir: Optional[str]):
   return fashion_mnist_local.FashionMnistLocal(data_dir=data_dir)
 
 
-def _builder(name: str, data_dir: Optional[str]):
+def _builder(name: str, data_dir: Optional[str]):   # TFDS datasets (not image folders)
   import tensorflow_datasets as tfds
   if name == 'fashion_mnist':
     return _fashion_mnist_builder(data_dir)
@@ -258,7 +327,12 @@ def check_prepared(name: str, data_dir: Optional[str] = None) -> str:
 
   Raises DatasetNotPreparedError (or FileNotFoundError for Fashion-MNIST
   without its idx files) naming the folder and the fix, as training would.
+  An image folder is scanned (each image's header), with its own errors.
   """
+  if name == IMAGE_FOLDER:
+    spec = get_spec(name, data_dir)
+    return (f'an image folder of {spec.num_pretrain_examples} train images in '
+            f'{spec.num_classes} classes, {spec.channels} channel(s), read from {data_dir}')
   from absl import logging
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)   # TFDS warns about every empty version folder
@@ -301,6 +375,12 @@ def load_split(name: str, split, *, data_dir: Optional[str] = None,
     # Filtering hides the size; state it so that epochs and steps are known.
     size = sum((i in held_out) == split.only for i, _ in record_ids(name, split.base, data_dir))
     return ds.apply(tf.data.experimental.assert_cardinality(size))
+  if name == IMAGE_FOLDER:
+    from ssl_jax.datasets import image_folder
+    spec = get_spec(name, data_dir)
+    return image_folder.dataset(image_folder.scan(data_dir), split, image_size=spec.image_size,
+                                shuffle_files=shuffle_files, seed=seed, with_ids=with_ids,
+                                decode_images=decode_images)
   spec = get_spec(name)
   builder = _builder(name, data_dir)
   read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=with_ids)
@@ -324,16 +404,21 @@ def load_split(name: str, split, *, data_dir: Optional[str] = None,
     raise _not_prepared(name, builder) from error
 
 
-def process_split(split: str, process_index: int, process_count: int):
-  """This process's disjoint part of `split`; together they cover it."""
+def process_split(split: str, process_index: int, process_count: int,
+                  name: Optional[str] = None):
+  """This process's disjoint part of `split` of dataset `name`; together they cover it."""
   import tensorflow_datasets as tfds
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  if name == IMAGE_FOLDER:
+    from ssl_jax.datasets import image_folder
+    part = lambda s: image_folder.Shard(s, process_index, process_count)
+  else:
+    part = lambda s: tfds.even_splits(s, process_count)[process_index]
   parsed = parse_split(split)
   if isinstance(parsed, HoldoutSplit):   # shard the base split, then filter each part
-    return dataclasses.replace(
-        parsed, base=tfds.even_splits(parsed.full, process_count)[process_index])
-  return tfds.even_splits(split, process_count)[process_index]
+    return dataclasses.replace(parsed, base=part(parsed.full))
+  return part(split)
 
 
 # ----------------------------------------------------------------------------
@@ -415,10 +500,10 @@ def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int 
   if local_batch % owned:
     raise ValueError(f'The local batch {local_batch} must split evenly over this process\'s '
                      f'{owned} input shards; change data.input_shards or the batch size.')
-  spec = get_spec(name)
+  spec = get_spec(name, data_dir)
   streams = [
       _shard_stream(name, process_split(split or spec.pretrain_split,
-                                        process_index * owned + k, shards),
+                                        process_index * owned + k, shards, name),
                     batch=local_batch // owned, seed=seed, start_step=start_step,
                     data_dir=data_dir, shuffle_buffer=shuffle_buffer,
                     host_crop_scale=host_crop_scale, host_crop_ratio=host_crop_ratio)
@@ -436,7 +521,7 @@ def _shard_stream(name: str, split, *, batch: int, seed: int, start_step: int,
                   host_crop_ratio):
   """One shard's infinite stream of batches of `batch` examples (pretrain_dataset)."""
   import tensorflow as tf
-  spec = get_spec(name)
+  spec = get_spec(name, data_dir)
   base = load_split(name, split, data_dir=data_dir, shuffle_files=True, seed=seed)
   if spec.cache:
     base = base.cache()
@@ -482,8 +567,8 @@ def eval_dataset(name: str, split: str, *, local_batch: int, process_index: int 
   compilation, divisible over devices).
   """
   import tensorflow as tf
-  spec = get_spec(name)
-  ds = load_split(name, process_split(split, process_index, process_count),
+  spec = get_spec(name, data_dir)
+  ds = load_split(name, process_split(split, process_index, process_count, name),
                   data_dir=data_dir)
   if spec.variable_size:
     ds = ds.map(lambda ex: {'image': _host_center_crop(_encode_if_raw(ex['image']),

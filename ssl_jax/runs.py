@@ -88,7 +88,7 @@ def build(config, mesh, *, abstract: bool = False) -> Run:
   parameter is allocated or initialised (`--dry_run` checks a pod-sized
   config on a laptop this way).
   """
-  spec = input_pipeline.spec_for(config.data)
+  spec = input_pipeline.spec_for(config.data, config.aug.preset)
   global_batch = config.data.batch_size
   input_pipeline.local_batch_size(global_batch, mesh)  # divisibility, with a clear error
   total_steps = steps_from(config, 'total', spec.num_pretrain_examples, global_batch)

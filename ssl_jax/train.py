@@ -149,6 +149,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
           f'global batch {global_batch}, {total_steps} steps, {n_params:,} parameters, '
           f'{"resuming at step " + str(start_step) if start_step else "from scratch"}; '
           f'workdir {os.path.abspath(workdir)}', flush=True)
+    if spec.note:
+      print(f'ssl_jax: {spec.note}', flush=True)
 
   step_fn = make_step_fn(run, config, mesh)
   # One jitted feature extractor for the online test evaluation and the final one.

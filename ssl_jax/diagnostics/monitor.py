@@ -27,10 +27,13 @@ def make_training_monitor(config, run, mesh) -> Optional[Callable[[int, Any], di
     raise ValueError(f'diagnostics.every_steps must be >= 0 (0: off), got {every}.')
   if every == 0:
     return None
-  count = int(diag.get('num_images', 512))
-  count = max(mesh.size, count // mesh.size * mesh.size)
+  images, _ = fixed_images(config, run.spec.test_split, int(diag.get('num_images', 512)),
+                           allow_fewer=True)   # a small image folder's hold-out, say
+  count = len(images) // mesh.size * mesh.size
+  if count < 2:
+    return None   # no batch statistic of fewer than two images
+  images = images[:count]
   net = Network(run, mesh, batch_size=count)
-  images, _ = fixed_images(config, run.spec.test_split, count)
   key = jax.random.key(config.seed)
   x_a = net.view_a(net.put(images), jax.random.fold_in(key, 0))
   x_b = net.view_b(net.put(images), jax.random.fold_in(key, 1))

@@ -80,8 +80,10 @@ class Settings:
 # The network and the fixed evaluation data of one run.
 # ----------------------------------------------------------------------------
 
-def fixed_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` images and labels of `split`, un-augmented, in a fixed order."""
+def fixed_images(config, split: str, count: int, *, allow_fewer: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` images and labels of `split`, un-augmented, in a fixed order
+  (all of them, if allow_fewer and the split is smaller)."""
   dataset = input_pipeline.eval_dataset(config.data.name, split, local_batch=min(count, 1000),
                                         data_dir=config.data.data_dir)
   images, labels, have = [], [], 0
@@ -93,7 +95,7 @@ def fixed_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarray
     if have >= count:
       break
   images, labels = np.concatenate(images)[:count], np.concatenate(labels)[:count]
-  if len(images) < count:
+  if len(images) < count and not allow_fewer:
     raise ValueError(f'{config.data.name}:{split} has {len(images)} images, fewer than the '
                      f'{count} asked for; lower the diagnostics image counts.')
   return images, labels
