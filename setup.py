@@ -29,5 +29,7 @@ setuptools.setup(
         'test': ['pytest>=8', 'pytest-xdist', 'scipy'],
         # benchmarks/train_step.py --torch: the same step in PyTorch, side by side.
         'bench': ['torch'],
+        # Loading a `python -m ssl_jax.export` backbone into torchvision (and its test).
+        'torch': ['torch', 'torchvision', 'safetensors'],
     },
 )

@@ -171,14 +171,28 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
-def _conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn):
-  """A bias-free nnx.Conv ('SAME' padding) whose convolution is `conv_fn`.
+def _conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn, padding='SAME'):
+  """A bias-free nnx.Conv whose convolution is `conv_fn`.
 
   conv_fn is `lax.conv_general_dilated` or one of ssl_jax.conv's CPU routes
   (model.conv_route); the parameters are nnx.Conv's either way.
   """
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), stride, use_bias=False, dtype=dtype,
-                  rngs=rngs, conv_general_dilated=conv_fn)
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), stride, padding=padding, use_bias=False,
+                  dtype=dtype, rngs=rngs, conv_general_dilated=conv_fn)
+
+
+def _torch_conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn):
+  """`_conv` padded as PyTorch pads: kernel // 2 on every side.
+
+  XLA's 'SAME' pads a stride-2 convolution of an even-sized input (0, 1) where
+  PyTorch pads (1, 1) (3x3) or (3, 3) where 'SAME' pads (2, 3) (7x7), so the
+  same weights computed different features; with PyTorch's padding, an
+  exported ResNet (ssl_jax.export) computes in torchvision what it computes
+  here. Stride-1 odd kernels pad the same either way.
+  """
+  pad = kernel // 2
+  return _conv(in_ch, out_ch, kernel, stride, rngs, dtype, conv_fn,
+               padding=((pad, pad), (pad, pad)))
 
 
 def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype, conv_fn):
@@ -189,16 +203,16 @@ def _projection_shortcut(in_ch, out_ch, stride, rngs, dtype, conv_fn):
   """
   if stride == 1 and in_ch == out_ch:
     return None, None
-  return _conv(in_ch, out_ch, 1, stride, rngs, dtype, conv_fn), _bn(out_ch, rngs, dtype)
+  return _torch_conv(in_ch, out_ch, 1, stride, rngs, dtype, conv_fn), _bn(out_ch, rngs, dtype)
 
 
 class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, in_ch, ch, stride, *, rngs, dtype, conv_fn):
-    self.conv1 = _conv(in_ch, ch, 3, stride, rngs, dtype, conv_fn)
+    self.conv1 = _torch_conv(in_ch, ch, 3, stride, rngs, dtype, conv_fn)
     self.bn1 = _bn(ch, rngs, dtype)
-    self.conv2 = _conv(ch, ch, 3, 1, rngs, dtype, conv_fn)
+    self.conv2 = _torch_conv(ch, ch, 3, 1, rngs, dtype, conv_fn)
     self.bn2 = _bn(ch, rngs, dtype)
     self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, ch, stride, rngs, dtype,
                                                            conv_fn)
@@ -217,11 +231,11 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_ch, ch, stride, *, rngs, dtype, conv_fn):
     out_ch = ch * 4
-    self.conv1 = _conv(in_ch, ch, 1, 1, rngs, dtype, conv_fn)
+    self.conv1 = _torch_conv(in_ch, ch, 1, 1, rngs, dtype, conv_fn)
     self.bn1 = _bn(ch, rngs, dtype)
-    self.conv2 = _conv(ch, ch, 3, stride, rngs, dtype, conv_fn)
+    self.conv2 = _torch_conv(ch, ch, 3, stride, rngs, dtype, conv_fn)
     self.bn2 = _bn(ch, rngs, dtype)
-    self.conv3 = _conv(ch, out_ch, 1, 1, rngs, dtype, conv_fn)
+    self.conv3 = _torch_conv(ch, out_ch, 1, 1, rngs, dtype, conv_fn)
     self.bn3 = _bn(out_ch, rngs, dtype)
     self.shortcut, self.shortcut_bn = _projection_shortcut(in_ch, out_ch, stride, rngs, dtype,
                                                            conv_fn)
@@ -254,9 +268,9 @@ class ResNet(nnx.Module):
     base = max(1, int(64 * width))
     self.stem = stem
     if stem == 'cifar':
-      self.conv = _conv(in_channels, base, 3, 1, rngs, dtype, conv_fn)
+      self.conv = _torch_conv(in_channels, base, 3, 1, rngs, dtype, conv_fn)
     else:
-      self.conv = _conv(in_channels, base, 7, 2, rngs, dtype, conv_fn)
+      self.conv = _torch_conv(in_channels, base, 7, 2, rngs, dtype, conv_fn)
     self.bn = _bn(base, rngs, dtype)
     self.blocks = nnx.List()
     in_ch = base
@@ -271,7 +285,8 @@ class ResNet(nnx.Module):
   def __call__(self, x, train):
     x = relu(self.bn(self.conv(x), use_running_average=not train))
     if self.stem == 'imagenet':
-      x = nnx.max_pool(x, (3, 3), (2, 2), padding='SAME')
+      # PyTorch's max-pool padding (1 on every side), as for the convolutions.
+      x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(x, train)
     return jnp.mean(x, axis=(1, 2))
