@@ -24,6 +24,7 @@ setuptools.setup(
         'numpy',
         'matplotlib',
         'tqdm',
+        'scikit-learn',   # the embedding map's t-SNE
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist', 'scipy'],

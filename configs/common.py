@@ -126,7 +126,10 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   c.eval = dict(enabled=True, batch_size=1000, linear_epochs=30, linear_lr=1e-3,
                 linear_batch_size=1024, knn_k=(20, 200), knn_temperature=0.07,
                 baselines=True, max_train_examples=0, max_test_examples=0,
-                online_every_steps=100, online_max_examples=2000)
+                online_every_steps=100, online_max_examples=2000,
+                # embedding_map: a t-SNE picture of 2,000 test embeddings
+                # (workdir/embedding_map.png, about 10 s on 2 cores).
+                embedding_map=True)
 
   # Logged during training every every_steps (0: off) on num_images fixed
   # evaluation images: entropy estimates, effective rank, invariance.

@@ -320,11 +320,13 @@ def cached_baselines(key: dict[str, Any], compute: Callable[[], dict[str, Any]]
   return result, path
 
 
-def final_evaluation(config, run, state, mesh, feature_fn, timer=None) -> dict[str, Any]:
+def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
+                     figure_dir: Optional[str] = None) -> dict[str, Any]:
   """Online probe, linear probe and kNN on the test split, and the baselines.
 
   run is the runs.Run the state was trained with (dataset spec, model config).
-  timer (a metrics.Stopwatch) receives the seconds of each part.
+  timer (a metrics.Stopwatch) receives the seconds of each part. With
+  figure_dir (and eval.embedding_map), process 0 draws embedding_map.png there.
   """
   import contextlib
   t0 = time.time()
@@ -363,6 +365,12 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None) -> dict[s
   out['eval']['train_examples'], out['eval']['test_examples'] = len(train[1]), len(test[1])
   with section('evaluation: embedding statistics'):
     out['eval'].update(embedding_statistics(test[0]))
+  if figure_dir and ev.get('embedding_map', True) and jax.process_index() == 0:
+    from ssl_jax import metrics
+    with section('evaluation: embedding map'):
+      out['embedding_map'] = metrics.embedding_map(
+          test[0], test[1], os.path.join(figure_dir, 'embedding_map.png'),
+          title=f'{config.method} on {config.data.name}')
   if ev.baselines:
     def baselines():
       # Same architecture at initialisation, and raw pixels: what SSL must beat.

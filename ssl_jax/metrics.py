@@ -260,3 +260,42 @@ def plot_history(history: list[Mapping[str, float]], path: str, title: str = '')
 
 def to_host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def embedding_map(features: np.ndarray, labels: np.ndarray, path: str, *, title: str = '',
+                  count: int = 2000, seed: int = 0) -> Optional[str]:
+  """A 2-D t-SNE map of the first `count` embeddings, coloured by class; the PNG's path.
+
+  Standardised features, PCA to 50 dimensions, then scikit-learn's Barnes-Hut
+  t-SNE (perplexity 30, or less for small sets): about 10 s for 2,000
+  embeddings on 2 CPU cores. The map shows neighbourhoods, not distances:
+  clusters' sizes and the gaps between them mean little in t-SNE.
+  """
+  from sklearn.decomposition import PCA
+  from sklearn.manifold import TSNE
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  x = np.asarray(features[:count], np.float64)
+  y = np.asarray(labels[:count])
+  if len(x) < 5:
+    return None
+  x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+  x = PCA(min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
+  xy = TSNE(2, init='pca', random_state=seed,
+            perplexity=min(30.0, (len(x) - 1) / 3)).fit_transform(x)
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  classes = np.unique(y)
+  colours = plt.cm.tab10.colors if len(classes) <= 10 else plt.cm.tab20.colors
+  for i, c in enumerate(classes):
+    keep = y == c
+    ax.scatter(xy[keep, 0], xy[keep, 1], s=4, color=colours[i % len(colours)], label=str(c))
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(f'{title}\nt-SNE of {len(x)} test embeddings, coloured by class', fontsize=9)
+  if len(classes) <= 20:
+    ax.legend(markerscale=3, fontsize=7, loc='best', frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -266,7 +266,7 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
     summary.update(evaluate.final_evaluation(config, run, state, mesh, feature_fn,
-                                             timer=timer))
+                                             timer=timer, figure_dir=workdir))
   summary['wall_time_sec'] = time.time() - start_time
   # Seconds since train_and_evaluate started, by section; the process's own
   # start-up (Python and library imports) comes before and is not in it.

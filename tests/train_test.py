@@ -95,8 +95,16 @@ def test_bfloat16_compute_trains_with_finite_float32_statistics(tmp_path):
 
 def test_summary_has_baselines_and_embed_writes_features(tmp_path, monkeypatch):
   config = smoke_config('vicreg', **{'eval.baselines': True})
+  monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path / 'cache'))
   summary = train.train_and_evaluate(config, str(tmp_path))  # real Fashion-MNIST
   assert set(summary) >= {'eval', 'baseline_random_init', 'baseline_raw_pixels'}
+  assert summary['baselines_cache'].startswith(str(tmp_path / 'cache'))
+  assert summary['embedding_map'] == str(tmp_path / 'embedding_map.png')
+  assert os.path.getsize(tmp_path / 'embedding_map.png') > 10_000
+  parts = summary['time_breakdown_sec']
+  assert {'start-up', 'first step (compilation)', 'steps', 'evaluation: features',
+          'evaluation: linear probe', 'evaluation: kNN', 'evaluation: baselines'} <= set(parts)
+  assert sum(parts.values()) <= summary['wall_time_sec'] + 1e-6
   # The same command again prints the finished run's summary, evaluating nothing.
   with monkeypatch.context() as m:
     m.setattr(train.evaluate, 'final_evaluation', lambda *a, **k: pytest.fail('evaluated again'))
