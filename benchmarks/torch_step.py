@@ -72,7 +72,7 @@ def projector(in_features: int, spec) -> nn.Module:
 
 
 def logdet_entropy(z: torch.Tensor, beta: float) -> torch.Tensor:
-  """0.5 log det(I_N + beta zc zc^T / N) via a Cholesky factor (PAPER.md section 2)."""
+  """0.5 log det(I_N + beta zc zc^T / N) via a Cholesky factor (docs/method.md section 2)."""
   zc = z - z.mean(0, keepdim=True)
   n = z.shape[0]
   gram = torch.eye(n, dtype=z.dtype) + beta * (zc @ zc.T) / n

@@ -24,7 +24,7 @@ from ssl_jax import objectives
 
 VARIANTS = ('smoke', 'cifar10', 'cifar100', 'stl10', 'imagenet', 'lower', 'add', 'concat')
 
-# Per-method recipe differences (PAPER.md section 5): projector / predictor,
+# Per-method recipe differences (docs/method.md section 4): projector / predictor,
 # base learning rate and weight decay of the solo-learn CIFAR recipes.
 RECIPES = {
     'vicreg': dict(projector='2048-2048-2048', base_lr=0.3, weight_decay=1e-4),

@@ -1,6 +1,6 @@
 """Two-view augmentations on device, in JAX, with explicit per-image keys.
 
-The recipe of VICReg / BYOL / SimCLR (PAPER.md section 5): random resized
+The recipe of VICReg / BYOL / SimCLR (docs/method.md section 4): random resized
 crop, horizontal flip, colour jitter (brightness, contrast, saturation, hue,
 applied together with a probability), grayscale, Gaussian blur and
 solarisation, each view with its own parameters (the official recipe is
@@ -82,7 +82,7 @@ class ViewParams:
 
 _COLOR = dict(jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
               grayscale_prob=0.2)
-# (view_a, view_b) of each published recipe; PAPER.md section 5.
+# (view_a, view_b) of each published recipe; docs/method.md section 4.
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # Official VICReg / BYOL ImageNet recipe.
     'imagenet': (dict(crop_scale=(0.08, 1.0), blur_prob=1.0, solarize_prob=0.0, **_COLOR),

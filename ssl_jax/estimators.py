@@ -1,4 +1,4 @@
-"""Entropy estimators for the embedding distribution (PAPER.md section 2).
+"""Entropy estimators for the embedding distribution (docs/method.md section 2).
 
 The information-theoretic view of VICReg: SSL maximises
 I(Z; X') = H(Z) - H(Z | X'). The invariance term bounds H(Z | X'); these
@@ -153,7 +153,7 @@ def pairwise_entropy(z: Array, *, sigma: float = 1.0, sigma_mode: str = 'fixed',
   """Pairwise-distance bounds on the entropy of a Gaussian mixture.
 
   The mixture has one component N(z_i, sigma^2 I) per row, uniform weights.
-  Kolchinsky & Tracey (2017), PAPER.md section 2:
+  Kolchinsky & Tracey (2017), docs/method.md section 2:
     H = D/2 log(2 pi e sigma^2) + log N
         - (1/N) sum_i logsumexp_j(-||z_i - z_j||^2 / (c sigma^2)),
   c = 2 (KL divergence: upper bound), 8 (Bhattacharyya: lower bound) or
@@ -226,7 +226,7 @@ def logdet_as_differential_entropy(logdet: Array, dim: int, beta: float) -> Arra
 def conditional_entropy_bound(z_a: Array, z_b: Array) -> tuple[Array, Metrics]:
   """Upper bound on H(Z | X') from two views: D/2 log(2 pi e s^2).
 
-  PAPER.md section 1.4: H(Z | X') <= -E log q(Z | X') for any q. Take q the
+  docs/method.md section 1, item 3: H(Z | X') <= -E log q(Z | X') for any q. Take q the
   isotropic Gaussian centred on the other view's embedding, N(z_b, s^2 I),
   with s^2 fitted by maximum likelihood: s^2 = E||z_a - z_b||^2 / D, which is
   VICReg's invariance term (the mean over N * D entries). Then

@@ -303,6 +303,8 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
         f'{label} {_pct(val[name]["linear_test_acc"][0], math.nan)}% linear, '
         f'{_pct(val[name]["knn20_test_acc"][0], math.nan)}% kNN-20'
         for name, label in BASELINES if name in val) + '.']
+  if not experiment.final_seeds:   # a pilot: tuning cells only
+    return '\n'.join(lines) + '\n'
   lines += ['', '## Final (chosen settings, test split; mean ± 95% Student-t interval)', '',
             f'| method | seeds | linear (%) | kNN-{k} (%) | eff. rank | H log-det | '
             'H pairwise upper | H pairwise lower | H Gaussian | cell (min) |',
@@ -446,11 +448,11 @@ def update_readme(path: str, name: str, tables: str, *, drop_title: bool = True)
   return True
 
 
-def aggregate(experiment, results_root: str, readme: Optional[str] = None,
-              docs: Sequence[str] = ()) -> dict[str, Any]:
+def aggregate(experiment, results_root: str, readme: Optional[str] = None) -> dict[str, Any]:
   """Rebuilds results/<experiment>.json, .md and .png from the result files.
 
-  The README and `docs` files get the tables in their <!-- results:NAME --> blocks.
+  The files named in `readme` (comma-separated) get the tables in their
+  <!-- results:NAME --> blocks.
   An experiment that names `compare_with` (a shorter budget's experiment
   config) also gets the method x budget table, in results/<experiment>_budgets.md
   and the <!-- results:budgets --> blocks.
@@ -464,7 +466,8 @@ def aggregate(experiment, results_root: str, readme: Optional[str] = None,
   with open(base + '.md', 'w') as f:
     f.write(tables)
   plot(experiment, summary, base + '.png')
-  for path in [readme, *docs]:
+  docs = [p.strip() for p in (readme or '').split(',') if p.strip()]
+  for path in docs:
     update_readme(path, experiment.name, tables)
   if experiment.get('compare_with'):
     short = grid.load_experiment(experiment.compare_with)
@@ -474,6 +477,6 @@ def aggregate(experiment, results_root: str, readme: Optional[str] = None,
                               summary)])
     with open(base + '_budgets.md', 'w') as f:
       f.write(f'# Both budgets\n\n{table}')
-    for path in [readme, *docs]:
+    for path in docs:
       update_readme(path, 'budgets', table, drop_title=False)
   return summary

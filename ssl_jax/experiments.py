@@ -87,8 +87,9 @@ def define_flags(flag_values: flags.FlagValues) -> Flags:
       max_cells=flags.DEFINE_integer('max_cells', 0, 'Stop after this many cells (0: all).',
                                      **fv),
       readme=flags.DEFINE_string(
-          'readme', 'README.md', 'A file whose <!-- results:NAME:start/end --> block is '
-          'replaced by the tables (skipped when it has no such block).', **fv),
+          'readme', 'README.md,docs/results.md', 'Files (comma-separated) whose '
+          '<!-- results:NAME:start/end --> blocks are replaced by the tables (a file without '
+          'such a block is left alone; empty: none).', **fv),
       dry_run=flags.DEFINE_bool(
           'dry_run', False, "Check the grid without running it: every cell's command is "
           'parsed and validated as `ssl_jax.main --dry_run` would; prints the plan. Writes '

@@ -2,7 +2,7 @@
 
 Every function takes arrays and returns `(scalar, metrics)`; none holds state
 or knows about models, configs or devices. Formulas and conventions follow
-`shared/PAPER.md` section 2, which follows the official VICReg code
+`docs/method.md` section 2, which follows the official VICReg code
 (facebookresearch/vicreg, main_vicreg.py) and solo-learn's CIFAR recipes.
 
 Multi-device: every term that computes a batch statistic takes an optional
@@ -170,7 +170,7 @@ def variance(z: Array, *, gamma: float = 1.0, eps: float = 1e-4,
   """VICReg variance hinge: mean_k relu(gamma - sqrt(var_k + eps)).
 
   var_k uses the unbiased N-1 normaliser (torch's Tensor.var default, as in
-  main_vicreg.py). PAPER.md section 2.
+  main_vicreg.py). docs/method.md section 2.
 
   Args:
     z: [N, D] embeddings (local slice under `axis_name`).

@@ -65,7 +65,7 @@ def record_relu_patterns() -> Iterator[list[Array]]:
   """Collects the boolean activation pattern [B, ...] of every `relu` called inside.
 
   The list fills in call order: the network's linear region, layer by layer
-  (PAPER.md section 1.1). Use it inside a traced function and return the
+  (docs/method.md section 1). Use it inside a traced function and return the
   patterns, or reductions of them, as outputs.
   """
   patterns: list[Array] = []

@@ -11,7 +11,7 @@ Terms that are losses are added, entropy terms are subtracted (they are
 maximised), so every weight is >= 0 and
   loss = sum_{loss terms} w * value - sum_{entropy terms} w * value.
 
-The paper's methods (PAPER.md section 3) are entries of `METHODS`;
+The paper's methods (docs/method.md section 3) are entries of `METHODS`;
 `method_terms(name)` returns a fresh copy to put in a config, where each
 weight and parameter can be overridden from the command line.
 """
@@ -146,7 +146,7 @@ _VICREG_TERMS = {
     'variance': {'weight': 25.0, 'gamma': 1.0, 'eps': 1e-4, 'reduce': 'mean'},
     'covariance': {'weight': 1.0, 'route': 'auto', 'reduce': 'sum'},
 }
-# Entropy-term defaults. The paper does not give w, beta or sigma (PAPER.md
+# Entropy-term defaults. The paper does not give w, beta or sigma (docs/method.md
 # section 3: "choose defaults by a small sweep"); only vicreg_it's weight has
 # been swept so far (README, "Default weights"); the rest are starting points.
 _LOGDET = {'weight': 1.0, 'beta': 1.0, 'normalizer': 'n', 'route': 'auto',
@@ -176,7 +176,7 @@ def method_terms(method: str, vicreg_terms: str = 'replace') -> dict[str, dict[s
     method: a key of METHODS.
     vicreg_terms: for the VICReg-IT methods, 'replace' (default) drops VICReg's
       variance and covariance terms in favour of the entropy term; 'add' keeps
-      them next to it. The paper's choice is uncertain (PAPER.md section 3).
+      them next to it. The paper's choice is uncertain (docs/method.md section 3).
   """
   losses.check_choice(method, 'method', tuple(METHODS))
   losses.check_choice(vicreg_terms, 'vicreg_terms', ('replace', 'add'))

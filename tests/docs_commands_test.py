@@ -27,6 +27,7 @@ import pytest
 
 from ssl_jax import cli
 from ssl_jax import input_pipeline
+from ssl_jax.datasets import image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ['README.md'] + sorted(
@@ -132,6 +133,9 @@ def test_documented_command_runs(module, args, tmp_path, finished_run):
   except input_pipeline.DatasetNotPreparedError as error:
     # Only the datasets ssl_jax cannot download may be missing.
     assert re.match(r"Dataset '(cifar10|cifar100|stl10|imagenet2012)'", str(error)), error
+  except image_folder.ImageFolderError as error:
+    # The user's own images: a placeholder folder, which does not exist here.
+    assert 'does not exist' in str(error) and str(tmp_path) in str(error), error
   finally:
     os.chdir(cwd)
   assert not os.path.exists(os.path.join(str(tmp_path), 'new_run'))

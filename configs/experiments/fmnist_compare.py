@@ -38,6 +38,7 @@ def byol_entropy_trials(term):
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = 'fmnist_compare'
+  c.budget_label = '300 steps (cnn256)'
   c.description = ('Fashion-MNIST, small CNN, 300 steps of batch 256, 2 CPU cores; tuned on a '
                    '10,000-image validation hold-out, final seeds on the test split.')
   c.shared = SHARED

@@ -1,4 +1,4 @@
-"""Gaussianity of Z given X': normality tests of each image's views (PAPER.md section 4b).
+"""Gaussianity of Z given X': normality tests of one image's views (docs/method.md sec. 5).
 
 Host-side statistics on small samples (numpy, scipy):
 
