@@ -345,3 +345,72 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message):
 def test_bad_input_is_caught_at_trace_time_under_jit():
   with pytest.raises(ValueError, match='same shape'):
     jax.jit(lambda a, b: losses.invariance(a, b)[0])(jnp.ones((4, 3)), jnp.ones((4, 2)))
+
+
+# ------------------------------------------- checks that a plausible bug fails
+# Each test below fails for a realistic bug that the tests above let through
+# (issue: surviving mutants of the loss core); the value it checks is known
+# apart from the code.
+
+def test_covariance_ignores_a_shift_of_the_embeddings():
+  """The covariance is of centred embeddings: adding a constant changes nothing.
+  A 10 x 6 example shifted by 3 would go from 1.11 to ~571 if it were not centred."""
+  z = normal(3, (10, 6))
+  shifted = z + 3.0
+  for route in ('cov', 'gram'):
+    assert float(losses.covariance(shifted, route=route)[0]) == pytest.approx(
+        float(losses.covariance(z, route=route)[0]), rel=1e-10)
+
+
+def test_covariance_of_a_known_uncentred_sample():
+  # Columns (1, 2, 3, 4) + 10 and (2, 4, 6, 9): centred, the N-1 covariance's
+  # off-diagonal entry is sum((-1.5, -.5, .5, 1.5) * (-3.25, -1.25, .75, 3.75)) / 3.
+  z = jnp.array([[11., 2.], [12., 4.], [13., 6.], [14., 9.]])
+  c01 = (1.5 * 3.25 + 0.5 * 1.25 + 0.5 * 0.75 + 1.5 * 3.75) / 3
+  assert float(losses.covariance(z)[0]) == pytest.approx(2 * c01 ** 2 / 2)
+
+
+@pytest.mark.parametrize('normalizer, m', [('n', 6), ('n-1', 5)])
+def test_logdet_normalizer_on_the_gram_route_where_n_is_below_d(normalizer, m):
+  """N = 6 < D = 20 takes the Gram route; the value must use the normaliser asked for:
+  1/2 log det(I + beta zc^T zc / m), computed here from the D x D matrix in numpy."""
+  z = np.asarray(normal(5, (6, 20)))
+  zc = z - z.mean(0)
+  exact = 0.5 * np.linalg.slogdet(np.eye(20) + 0.7 * zc.T @ zc / m)[1]
+  h, _ = estimators.logdet_entropy(jnp.asarray(z), beta=0.7, normalizer=normalizer,
+                                   route='auto')
+  assert float(h) == pytest.approx(exact, rel=1e-10)
+
+
+@pytest.mark.parametrize('alpha', [0.2, 0.5, 0.9])
+def test_chernoff_bound_of_two_points_closed_form(alpha):
+  """Two points at distance a in D = 1: the Chernoff-alpha kernel's exponent is
+  alpha (1 - alpha) a^2 / (2 sigma^2), i.e. c = 2 / (alpha (1 - alpha))."""
+  a, sigma = 2.0, 0.8
+  z = jnp.array([[0.0], [a]])
+  expected = (0.5 * math.log(2 * math.pi * math.e * sigma ** 2) + math.log(2)
+              - math.log(1 + math.exp(-alpha * (1 - alpha) * a * a / (2 * sigma ** 2))))
+  h, _ = estimators.pairwise_entropy(z, sigma=sigma, bound='chernoff', alpha=alpha)
+  assert float(h) == pytest.approx(expected)
+
+
+def test_gaussian_entropy_of_a_small_whitened_sample_uses_n_minus_1():
+  """A whitened sample (N - 1 covariance std^2 I): D/2 log(2 pi e) + D log std exactly;
+  with N instead of N - 1 it would be off by D/2 log(N / (N - 1)) = 0.13 nats here."""
+  n, d, std = 12, 3, 2.5
+  h, _ = estimators.gaussian_entropy(whitened(n, d, std))
+  assert float(h) == pytest.approx(d / 2 * math.log(2 * math.pi * math.e) + d * math.log(std),
+                                   rel=1e-12)
+
+
+def test_barlow_twins_hand_example_where_the_diagonal_and_off_diagonal_sums_differ():
+  """Three orthonormal-ish columns, views identical but for one sign: c = diag(1, 1, -1)
+  (over 1 + eps), so the diagonal term is (1 - 1)^2 + (1 - 1)^2 + (1 + 1)^2 = 4 (near)
+  and the off-diagonal term 0: lambda on the wrong entries would change it by 100x."""
+  z_a = jnp.array([[1., 1., 1.], [1., -1., -1.], [-1., 1., -1.], [-1., -1., 1.]])
+  z_b = z_a * jnp.array([1., 1., -1.])
+  eps, lambd, scale = 1e-5, 0.0051, 0.1
+  c = 1 / (1 + eps)
+  expected = scale * ((1 - c) ** 2 * 2 + (1 + c) ** 2)
+  assert float(losses.barlow_twins(z_a, z_b, lambd=lambd, scale=scale, eps=eps)[0]) == (
+      pytest.approx(expected, rel=1e-10))

@@ -9,7 +9,11 @@ batch and the result to OUT_DIR/process_<id>.npz.
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+if __name__ == '__main__':
+  # Only as its own process: multiprocess_test imports this module for `embed`,
+  # and setting the flag there (before the test process's JAX backend starts)
+  # left every later test in that process with 4 devices instead of 8.
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

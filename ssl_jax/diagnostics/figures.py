@@ -48,12 +48,12 @@ def plot_diagnostics(record: dict[str, Any], out_dir: str) -> list[str]:
       ax.plot(steps, [i[key] for i in info], style, label=key, **marker)
     ax.plot(steps, [i['log_num_images'] for i in info], 'k--', lw=0.8, label='log N')
     bad = [s for s, i in zip(steps, info) if i['model_check']['contradicted']]
-    title = f'{rep}: I(Z;X) under Z|X ~ N(mu, Sigma)'
+    panel = f'{rep}: I(Z;X) under Z|X ~ N(mu, Sigma), X uniform over N images'
     if bad:
-      title += f'\nmodel contradicted at steps {bad}: not a mutual information there'
+      panel += f'\nmodel contradicted at steps {bad}: not a mutual information there'
       for s in bad:
         ax.axvline(s, color='red', alpha=0.25)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(panel, fontsize=8)
     ax = axes[row, 2]
     ax.plot(steps, [i['effective_rank'] for i in info], color='C3', **marker)
     ax.set_title(f'{rep}: effective rank (of {info[0]["dim"]})', fontsize=9)
