@@ -27,7 +27,10 @@ setuptools.setup(
         'scikit-learn',   # the embedding map's t-SNE
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist', 'scipy'],
+        # pytest-randomly shuffles the test order (a seed is printed), so that a test that
+        # depends on another's leftovers fails at once; mutmut: docs/development.md.
+        'test': ['pytest>=8', 'pytest-xdist', 'pytest-randomly', 'scipy'],
+        'mutation': ['mutmut>=3.8'],
         # benchmarks/train_step.py --torch: the same step in PyTorch, side by side.
         'bench': ['torch'],
         # Loading a `python -m ssl_jax.export` backbone into torchvision (and its test).

@@ -103,6 +103,8 @@ def markdown(result):
   first = None
   for name, entry in result['contenders'].items():
     runs = entry['runs']
+    if not runs:
+      continue
     wall = statistics.median(r['wall_sec'] for r in runs)
     first = first or wall
     rates = ', '.join(f'{r["gflops"]:.0f}' for r in runs)
@@ -113,6 +115,8 @@ def markdown(result):
         f'| {rates} |')
   lines += ['', '## Where the time goes (seconds, median over rounds)', '']
   for name, entry in result['contenders'].items():
+    if not entry['runs']:
+      continue
     parts = sorted({k for r in entry['runs'] for k in r['breakdown_sec']})
     lines += [f'**{name}**', '', '| part | seconds | share |', '|---|---|---|']
     wall = statistics.median(r['wall_sec'] for r in entry['runs'])
@@ -133,16 +137,26 @@ def main():
                                                           'ssl_jax_default_run'))
   parser.add_argument('--root', default='runs/default_run')
   parser.add_argument('--results', default='results/default_run')
+  parser.add_argument('--resume', action='store_true',
+                      help='keep the runs already in --results.json and add the missing ones')
   args = parser.parse_args()
+  previous = {}
+  if args.resume and os.path.exists(args.results + '.json'):
+    with open(args.results + '.json') as f:
+      previous = json.load(f)['contenders']
   contenders = {}
   for text in args.contenders.split(','):
     rev, flags = parse_contender(text)
     commit, path = worktree(rev, args.worktrees)
-    contenders[text] = {'commit': commit, 'path': path, 'flags': flags, 'runs': []}
+    runs = previous.get(text, {}).get('runs', []) if previous.get(text, {}).get(
+        'commit') == commit else []
+    contenders[text] = {'commit': commit, 'path': path, 'flags': flags, 'runs': runs}
   result = {'cpu': step_bench.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
             'contenders': contenders}
   for round_ in range(args.rounds):
     for name, entry in contenders.items():
+      if len(entry['runs']) > round_:
+        continue   # --resume: this round of this contender is done
       workdir = os.path.abspath(os.path.join(args.root, f'{entry["commit"][:10]}_{round_}'))
       shutil.rmtree(workdir, ignore_errors=True)
       caches = os.path.abspath(os.path.join(args.root, 'caches', entry['commit'][:10]

@@ -313,3 +313,31 @@ def test_embeddings_and_patterns_on_eight_devices_equal_one_device():
   for rep in ('features', 'z'):
     np.testing.assert_allclose(out[8][rep], out[1][rep], rtol=1e-5, atol=1e-6)
   assert all(np.array_equal(a, b) for a, b in zip(patterns[8], patterns[1]))
+
+
+def test_mardia_statistics_of_a_two_point_factorial_design():
+  """Known values: each column takes 0 (p = 3/4) and 3 (p = 1/4); over the full 4 x 4
+  factorial the two columns are exactly uncorrelated, so b1 is the sum of the columns'
+  squared skewnesses and b2 their kurtoses plus p(p - 1). For this two-point law,
+  skewness^2 = (1 - 2q)^2 / (q (1 - q)) = 4/3 and kurtosis = (1 - 3q(1 - q)) / (q (1 - q))
+  = 7/3 with q = 1/4."""
+  column = np.array([0., 0., 0., 3.])
+  x = np.array([[a, b] for a in column for b in column])
+  out = normality.mardia(x)
+  assert out['skewness'] == pytest.approx(2 * 4 / 3, rel=1e-12)
+  assert out['kurtosis'] == pytest.approx(2 * 7 / 3 + 2, rel=1e-12)
+  one = normality.mardia(np.tile(column, 10)[:, None])
+  assert (one['skewness'], one['kurtosis']) == (pytest.approx(4 / 3), pytest.approx(7 / 3))
+
+
+def test_spearman_interval_of_a_known_ranking():
+  """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) for n = 10 with two adjacent pairs swapped:
+  sum d^2 = 4, rho = 1 - 24 / 990; Fisher z interval with SE sqrt(1.06 / 7)."""
+  x = list(range(10))
+  y = [1, 0, 2, 3, 4, 5, 6, 7, 9, 8]
+  rho, low, high, n = diagnostics.spearman_ci(x, y)
+  expected = 1 - 24 / 990
+  half = 1.959964 * math.sqrt(1.06 / 7)
+  assert (rho, n) == (pytest.approx(expected), 10)
+  assert low == pytest.approx(math.tanh(math.atanh(expected) - half), rel=1e-6)
+  assert high == pytest.approx(math.tanh(math.atanh(expected) + half), rel=1e-6)

@@ -414,3 +414,29 @@ def test_barlow_twins_hand_example_where_the_diagonal_and_off_diagonal_sums_diff
   expected = scale * ((1 - c) ** 2 * 2 + (1 + c) ** 2)
   assert float(losses.barlow_twins(z_a, z_b, lambd=lambd, scale=scale, eps=eps)[0]) == (
       pytest.approx(expected, rel=1e-10))
+
+
+def test_every_term_reports_its_value_under_its_name():
+  """The training loop logs terms by these names (metrics.jsonl, the curves)."""
+  a, b = normal(1, (8, 5)), normal(2, (8, 5))
+  cases = {
+      'invariance': losses.invariance(a, b), 'variance': losses.variance(a),
+      'covariance': losses.covariance(a), 'barlow_twins': losses.barlow_twins(a, b),
+      'nt_xent': losses.nt_xent(a, b), 'byol': losses.byol_regression(a, b),
+      'logdet_entropy': estimators.logdet_entropy(a),
+      'gaussian_entropy': estimators.gaussian_entropy(a),
+      'pairwise_entropy': estimators.pairwise_entropy(a),
+  }
+  for name, (value, metrics) in cases.items():
+    assert float(metrics[name]) == pytest.approx(float(value)), name
+  loss, metrics = losses.vicreg(a, b)
+  assert float(metrics['loss']) == pytest.approx(float(loss))
+  assert {'invariance', 'variance', 'covariance'} <= set(metrics)
+
+
+def test_per_sample_terms_accept_a_single_row():
+  """Under pmap a device may hold one row: the invariance and BYOL's regression are
+  means of per-sample values and need no batch statistic."""
+  a, b = jnp.array([[0., 1.]]), jnp.array([[2., 1.]])
+  assert float(losses.invariance(a, b)[0]) == pytest.approx(2.0)         # (4 + 0) / 2
+  assert float(losses.byol_regression(a, b)[0]) == pytest.approx(2.0 - 2.0 / math.sqrt(5))
