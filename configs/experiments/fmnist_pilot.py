@@ -12,6 +12,10 @@ stop the runner once a step count passes for both. If BYOL needs more than
 3,000, the comparison uses 3,000 and says so. Evaluated on the 10,000-image
 validation hold-out only; raw pixels and the random-init encoder are measured
 there too (eval.baselines, cached after the first cell).
+
+Outcome (results/fmnist_pilot.md): BYOL +1.50 points at 1,500 steps, +2.12 at 2,000;
+VICReg +3.78 at 1,000. Budget: 2,000 steps. VICReg's 2,000-step cell is the long
+comparison's VICReg trial 1 (same settings), so it is not run here.
 """
 
 import ml_collections
