@@ -314,9 +314,12 @@ def test_entropy_is_rotation_invariant(fn):
 # ----------------------------------------------------------------- bad inputs
 
 BAD_CALLS = [
-    (lambda: losses.variance(jnp.ones((4, 3, 2))), 'rank 2'),
+    (lambda: losses.variance(jnp.ones((4, 3, 2))), '^z must have rank 2'),
     (lambda: losses.covariance(jnp.ones((4,))), 'rank 2'),
-    (lambda: losses.invariance(jnp.ones((4, 3)), jnp.ones((4, 2))), 'same shape'),
+    (lambda: losses.invariance(jnp.ones((4, 3)), jnp.ones((4, 2))),
+     '^z_a and z_b must have the same shape'),
+    (lambda: losses.byol_regression(jnp.ones((4, 3)), jnp.ones((4, 2))),
+     '^p and t must have the same shape'),
     (lambda: losses.vicreg(jnp.ones((4, 3)), jnp.ones((5, 3))), 'same shape'),
     (lambda: losses.covariance(jnp.ones((1, 3))), 'N >= 2'),
     (lambda: estimators.logdet_entropy(jnp.ones((1, 3))), 'N >= 2'),
@@ -329,9 +332,29 @@ BAD_CALLS = [
     (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), sigma=0.0), 'sigma must be > 0'),
     (lambda: losses.nt_xent(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=-0.1),
      'temperature must be > 0'),
-    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), bound='middle'), 'bound'),
-    (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), normalizer='n+1'), 'normalizer'),
-    (lambda: losses.covariance(jnp.ones((4, 3)), route='fast'), 'route'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), bound='middle'),
+     '^bound must be one of'),
+    (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), normalizer='n+1'),
+     '^normalizer must be one of'),
+    (lambda: estimators.gaussian_entropy(jnp.ones((9, 3)), normalizer='N'),
+     '^normalizer must be one of'),
+    (lambda: losses.covariance(jnp.ones((4, 3)), route='fast'), '^route must be one of'),
+    # Each hyper-parameter's error names it (mutation testing: a misspelt name passes
+    # a test that only matches the rest of the message).
+    (lambda: losses.variance(jnp.ones((4, 3)), gamma=0.0), '^gamma must be > 0'),
+    (lambda: losses.variance(jnp.ones((4, 3)), eps=-1.0), '^eps must be > 0'),
+    (lambda: losses.vicreg(jnp.ones((4, 3)), jnp.ones((4, 3)), var_reduce='max'),
+     '^var_reduce must be one of'),
+    (lambda: losses.barlow_twins(jnp.ones((4, 3)), jnp.ones((4, 3)), lambd=0.0),
+     '^lambd must be > 0'),
+    (lambda: losses.barlow_twins(jnp.ones((4, 3)), jnp.ones((4, 3)), scale=0.0),
+     '^scale must be > 0'),
+    (lambda: losses.barlow_twins(jnp.ones((4, 3)), jnp.ones((4, 3)), eps=0.0),
+     '^eps must be > 0'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), sigma_mode='auto'),
+     '^sigma_mode must be one of'),
+    (lambda: estimators.pairwise_entropy(jnp.ones((4, 3)), bound='chernoff', alpha=1.0),
+     'alpha in \\(0, 1\\)'),
     (lambda: estimators.gaussian_entropy(jnp.ones((4, 8))), 'N > D'),
 ]
 

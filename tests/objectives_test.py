@@ -200,7 +200,7 @@ def test_bad_objective_config_raises(terms, message):
 
 
 def test_bad_method_and_missing_outputs_raise():
-  with pytest.raises(ValueError, match='method must be one of'):
+  with pytest.raises(ValueError, match='^method must be one of'):
     objectives.method_terms('vicreg2')
   with pytest.raises(ValueError, match="vicreg_terms='add' applies"):
     objectives.method_terms('simclr', vicreg_terms='add')
@@ -210,8 +210,17 @@ def test_bad_method_and_missing_outputs_raise():
     objective({'z_a': out['z_a'], 'z_b': out['z_b']})
   objective = objectives.build_objective(
       {'pairwise_entropy': {'weight': 1.0, 'mode': 'both'}})
-  with pytest.raises(ValueError, match='mode must be one of'):
+  with pytest.raises(ValueError, match='^mode must be one of'):
     objective(out)
+  for term, params, message in [
+      ('logdet_entropy', {'inputs': 'q'}, '^inputs must be one of'),
+      ('variance', {'reduce': 'max'}, '^reduce must be one of'),
+      ('pairwise_entropy', {'mode': 'concat', 'inputs': 'y'}, '^inputs must be one of')]:
+    objective = objectives.build_objective({term: {'weight': 1.0, **params}})
+    with pytest.raises(ValueError, match=message):
+      objective(out)
+  with pytest.raises(ValueError, match='^vicreg_terms must be one of'):
+    objectives.method_terms('vicreg_it', vicreg_terms='both')
 
 
 def test_every_entropy_term_is_maximised_and_each_objective_is_its_weighted_sum():
