@@ -267,12 +267,28 @@ def cache_dir() -> str:
       os.path.expanduser('~'), '.cache', 'ssl_jax')
 
 
+def data_identity(data_config) -> dict[str, Any]:
+  """Which files a dataset name stands for: its data_dir, and an image folder's contents.
+
+  Two image folders (or two TFDS data dirs) under one dataset name give
+  different baselines; so does an image folder whose files changed.
+  """
+  data_dir = data_config.get('data_dir')
+  data_dir = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
+  identity = {'data_dir': data_dir}
+  if data_config.name == input_pipeline.IMAGE_FOLDER and data_dir:
+    from ssl_jax.datasets import image_folder
+    identity['files'] = image_folder.signature(data_dir)
+  return identity
+
+
 def baseline_key(config, run) -> dict[str, Any]:
   """Everything the baselines' numbers depend on: data, evaluation, model, seed, backend."""
   from ssl_jax import conv
   ev = config.eval
   return {
       'protocol': BASELINE_PROTOCOL, 'dataset': config.data.name,
+      'data': data_identity(config.data),
       'train_split': str(run.spec.train_split), 'test_split': str(run.spec.test_split),
       'image_size': run.image_size,
       'eval': {k: ev[k] for k in ('batch_size', 'linear_epochs', 'linear_lr',

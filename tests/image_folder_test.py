@@ -103,3 +103,24 @@ def test_smoke_pretraining_on_a_folder_without_test_split_evaluates_on_a_hold_ou
   assert summary['status'] == 'completed' and summary['dataset'] == 'image_folder'
   assert summary['eval']['test_examples'] == 6   # 2 per class, never pretrained on
   assert 'no test/ split: evaluating on a class-balanced hold-out of 6' in capsys.readouterr().out
+
+
+def test_baselines_of_one_folder_are_not_reused_for_another(tmp_path):
+  """The baseline cache's key names the folder and its contents, not only 'image_folder'."""
+  import types
+  from configs import common
+  from ssl_jax import evaluate
+  first, second = make_folder(tmp_path / 'a'), make_folder(tmp_path / 'b')
+  run = types.SimpleNamespace(spec=types.SimpleNamespace(train_split='train', test_split='test'),
+                              image_size=16)
+
+  def key(root):
+    config = common.get_config('vicreg_it')
+    config.data.name, config.data.data_dir = 'image_folder', str(root)
+    return evaluate.baseline_key(config, run)
+
+  assert key(first) == key(first)
+  assert key(first) != key(second)          # same layout and classes, other files
+  before = key(first)
+  Image.fromarray(np.zeros((24, 30, 3), np.uint8)).save(first / 'test' / 'circle' / '0.png')
+  assert key(first) != before                # a rewritten image

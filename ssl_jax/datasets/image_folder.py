@@ -58,8 +58,8 @@ def _images(folder: str) -> list[str]:
                 if f.lower().endswith(EXTENSIONS) and not f.startswith('.'))
 
 
-def _signature(root: str) -> str:
-  """Changes when a file is added, removed or rewritten: the scan's cache key."""
+def signature(root: str) -> str:
+  """Changes when a file is added, removed or rewritten: the scan's (and the baselines') cache key."""
   digest = hashlib.sha256()
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
@@ -77,7 +77,7 @@ def scan(root: Optional[str]) -> Folder:
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise ImageFolderError(f'--config.data.data_dir={root} does not exist. ' + LAYOUT)
-  return _scan(root, _signature(root))
+  return _scan(root, signature(root))
 
 
 @functools.lru_cache(maxsize=8)
