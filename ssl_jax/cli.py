@@ -53,7 +53,11 @@ def start(module: str, *, tcmalloc: bool = False, tensorflow: bool = True) -> No
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if tensorflow and 'tensorflow' not in sys.modules:
     with stderr_to_devnull():
-      import tensorflow  # pylint: disable=unused-import,import-outside-toplevel
+      import tensorflow  # pylint: disable=import-outside-toplevel
+    # TFDS's reader calls deprecated tf.data functions; their Python warnings
+    # ("CounterV2 ... is deprecated", twice: TF's logger and absl's) say nothing
+    # a user can act on. Errors still print.
+    tensorflow.get_logger().setLevel('ERROR')
 
 
 @contextlib.contextmanager
