@@ -218,13 +218,26 @@ def main(argv, f: Flags):
   try:
     with (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
       from ssl_jax import allocator
+      from ssl_jax import input_pipeline
       from ssl_jax import train
+      from ssl_jax.datasets import image_folder
       if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
         print(hint, file=sys.stderr, flush=True)
+      # The data is found before anything is written to the workdir: a dataset
+      # that is not prepared is one line naming the folder and the fix, not a
+      # traceback after a half-made workdir.
+      try:
+        input_pipeline.check_prepared(config.data.name, config.data.data_dir)
+      except (FileNotFoundError, image_folder.ImageFolderError) as error:
+        raise DataError(error) from None
       train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
-  except workdir_lock.WorkdirLockedError as error:
+  except (workdir_lock.WorkdirLockedError, DataError) as error:
     print(f'ssl_jax.main: error: {error}', file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+class DataError(Exception):
+  """The config's dataset cannot be read (not prepared, or an unusable image folder)."""
 
 
 def run():

@@ -141,3 +141,17 @@ def test_dry_run_counts_the_processes_of_the_command_line(capsys):
   bad = argv + ['--config.data.batch_size=255']
   with pytest.raises(ValueError, match='multiple of the device count'):
     main_lib.dry_run(cli.parse_command(main_lib.define_flags, bad))
+
+
+def test_a_dataset_that_is_not_prepared_is_one_line_and_the_workdir_stays_empty(tmp_path):
+  workdir = tmp_path / 'run'
+  done = subprocess.run([sys.executable, '-m', 'ssl_jax.main',
+                         '--config=configs/vicreg_it.py:cifar10,smoke',
+                         f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'is not prepared' in lines[0] and str(tmp_path / 'tfds') in lines[0]
+  assert 'Traceback' not in done.stderr
+  # Nothing but the lock file: no config.json, checkpoints or events of a run that never ran.
+  assert sorted(p.name for p in workdir.iterdir()) == ['.lock']
