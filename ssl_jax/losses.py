@@ -119,20 +119,8 @@ def mean_over_devices(x, axis_name: Optional[str]):
 
 
 def center(z: Array) -> Array:
-  return z - jnp.mean(z, axis=0, keepdims=True)
-
-
-def smaller_gram(zc: Array) -> tuple[Array, str]:
-  """Returns the smaller of zc^T zc [D, D] and zc zc^T [N, N], and which one.
-
-  Both have the same non-zero eigenvalues, so Frobenius norms and
-  log det(I + c G) agree (Sylvester's determinant identity); the smaller one
-  costs O(N D min(N, D)) instead of O(N D max(N, D)).
-  """
-  n, d = zc.shape
-  if n < d:
-    return zc @ zc.T, 'gram'
-  return zc.T @ zc, 'cov'
+  """z [N, D] minus its column means ([D] broadcasts over the rows)."""
+  return z - jnp.mean(z, axis=0)
 
 
 def resolve_route(route: str, n: int, d: int) -> str:
