@@ -463,3 +463,27 @@ def test_per_sample_terms_accept_a_single_row():
   a, b = jnp.array([[0., 1.]]), jnp.array([[2., 1.]])
   assert float(losses.invariance(a, b)[0]) == pytest.approx(2.0)         # (4 + 0) / 2
   assert float(losses.byol_regression(a, b)[0]) == pytest.approx(2.0 - 2.0 / math.sqrt(5))
+
+
+@pytest.mark.parametrize('name', ['vicreg', 'barlow_twins', 'nt_xent', 'variance', 'covariance',
+                                  'logdet_entropy', 'pairwise_entropy'])
+def test_one_row_per_device_gives_the_global_batch_value(name):
+  """A batch statistic gathered over devices needs N >= 2 globally, not on each device:
+  with 8 devices and 8 rows, each device holds one row, and the value is the one-device one."""
+  from jax.sharding import PartitionSpec as P
+  from ssl_jax import sharding
+  fns = {
+      'vicreg': losses.vicreg, 'barlow_twins': losses.barlow_twins, 'nt_xent': losses.nt_xent,
+      'variance': lambda a, b, **kw: losses.variance(a, **kw),
+      'covariance': lambda a, b, **kw: losses.covariance(a, **kw),
+      'logdet_entropy': lambda a, b, **kw: estimators.logdet_entropy(a, **kw),
+      'pairwise_entropy': lambda a, b, **kw: estimators.pairwise_entropy(a, **kw)}
+  fn = fns[name]
+  n = jax.device_count()
+  a, b = normal(3, (n, 5)), normal(4, (n, 5))
+  expected = float(fn(a, b)[0])
+  mesh = sharding.make_mesh()
+  per_device = jax.shard_map(lambda x, y: fn(x, y, axis_name=sharding.DATA_AXIS)[0], mesh=mesh,
+                             in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
+                             out_specs=P())
+  assert float(jax.jit(per_device)(a, b)) == pytest.approx(expected, rel=1e-9)
