@@ -322,6 +322,7 @@ BAD_CALLS = [
      '^p and t must have the same shape'),
     (lambda: losses.vicreg(jnp.ones((4, 3)), jnp.ones((5, 3))), 'same shape'),
     (lambda: losses.covariance(jnp.ones((1, 3))), 'N >= 2'),
+    (lambda: losses.vicreg(jnp.ones((1, 3)), jnp.ones((1, 3))), '^z_a has N=1 rows'),
     (lambda: estimators.logdet_entropy(jnp.ones((1, 3))), 'N >= 2'),
     (lambda: estimators.pairwise_entropy(jnp.ones((1, 3))), 'N >= 2'),
     (lambda: losses.variance(jnp.ones((4, 3), jnp.int32)), 'floating dtype'),
@@ -487,3 +488,13 @@ def test_one_row_per_device_gives_the_global_batch_value(name):
                              in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
                              out_specs=P())
   assert float(jax.jit(per_device)(a, b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_two_rows_are_enough_for_vicreg():
+  """N = 2 is the smallest batch with a variance. Rows (0, 0) and (2, 2): each column's
+  unbiased variance is 2 (std 1.41 > gamma: no hinge) and its covariance is 2, so each view's
+  covariance term is 2 * 2^2 / D = 4 and VICReg(a, a) = 0 + 0 + 4 + 4 = 8."""
+  a = jnp.array([[0.0, 0.0], [2.0, 2.0]], jnp.float64)
+  loss, metrics = losses.vicreg(a, a)
+  assert float(loss) == pytest.approx(8.0)
+  assert float(metrics['variance']) == 0.0 and float(metrics['invariance']) == 0.0
