@@ -382,17 +382,26 @@ def budget_markdown(reports: Sequence[tuple[str, Any, dict[str, Any]]]) -> str:
     verdicts = []
     for label, _, summary in reports:
       claim = next((c for c in summary['claims'] if c['variant'] == variant), None)
-      if claim is not None:
-        verdicts.append((label, claim['verdict'].split(':')[0].split(' (')[0],
-                         claim['linear_test_acc']))
+      if claim is None:
+        continue
+      lin = claim['linear_test_acc']
+      if claim.get('n', 2) < 2 or math.isnan(lin['mean_diff']):
+        verdicts.append((label, None, lin))   # a budget whose final seeds are still running
+      else:
+        verdicts.append((label, claim['verdict'].split(':')[0].split(' (')[0], lin))
     if len(verdicts) < 2:
       continue
-    changed = len({v for _, v, _ in verdicts}) > 1
-    parts = '; '.join(f'{label}: {v} ({_pct(lin["mean_diff"], lin["half"])} points)'
+    parts = '; '.join(f'{label}: pending (fewer than 2 paired seeds)' if v is None else
+                      f'{label}: {v} ({_pct(lin["mean_diff"], lin["half"])} points)'
                       for label, v, lin in verdicts)
-    lines.append(f'- {variant} - {base}: {parts}. '
-                 + ('The longer budget changed the verdict.' if changed
-                    else 'The longer budget did not change the verdict.'))
+    known = {v for _, v, _ in verdicts if v is not None}
+    if len(known) < len(verdicts):
+      ending = 'Whether the longer budget changes the verdict is not known yet.'
+    elif len(known) > 1:
+      ending = 'The longer budget changed the verdict.'
+    else:
+      ending = 'The longer budget did not change the verdict.'
+    lines.append(f'- {variant} - {base}: {parts}. {ending}')
   return '\n'.join(lines) + '\n'
 
 

@@ -252,6 +252,16 @@ def test_the_budget_table_puts_methods_against_budgets_and_says_what_changed():
   assert '| *raw pixels* | 84.42 | - |' in table
   assert ('- vicreg_it - vicreg: 300 steps: reproduced (2.00 ± 1.00 points); 1000 steps: '
           'inconclusive (0.40 ± 0.60 points). The longer budget changed the verdict.') in table
+  # A longer budget whose final seeds have not run yet says so, and claims no change.
+  long['claims'] = [{'variant': 'vicreg_it', 'n': 0, 'verdict': 'inconclusive: fewer than 2 '
+                     'paired seeds so far', 'linear_test_acc': {'mean_diff': math.nan,
+                                                                'half': math.nan, 'n': 0}}]
+  table = experiment_report.budget_markdown([('300 steps', exp, short),
+                                             ('1000 steps', exp, long)])
+  assert ('- vicreg_it - vicreg: 300 steps: reproduced (2.00 ± 1.00 points); 1000 steps: '
+          'pending (fewer than 2 paired seeds). Whether the longer budget changes the verdict '
+          'is not known yet.') in table
+  assert 'changed the verdict' not in table
 
 
 def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_path):
