@@ -498,3 +498,6 @@ def test_two_rows_are_enough_for_vicreg():
   loss, metrics = losses.vicreg(a, a)
   assert float(loss) == pytest.approx(8.0)
   assert float(metrics['variance']) == 0.0 and float(metrics['invariance']) == 0.0
+  # gamma and eps reach the variance term: std sqrt(2 + 0.5) under gamma = 2 hinges.
+  loss, _ = losses.vicreg(a, a, gamma=2.0, eps=0.5)
+  assert float(loss) == pytest.approx(25.0 * (2.0 - math.sqrt(2.5)) + 8.0)
