@@ -202,7 +202,8 @@ def test_verdicts_follow_the_printed_rule():
   assert verdict(0.002, 0.005, 5, False, 0.0, 0.01).startswith(
       'not reproduced: the corrected interval excludes gains of 1 point')
   text = verdict(0.005, 0.01, 5, False, 0.0, 0.0123)
-  assert text.startswith('inconclusive (the corrected interval contains 0)') and '1.23 points' in text
+  assert text.startswith('inconclusive (the corrected interval contains 0)')
+  assert '1.23 points' in text
   assert verdict(0.02, math.nan, 1, False, 0.0, math.nan).startswith('inconclusive: fewer than 2')
 
 

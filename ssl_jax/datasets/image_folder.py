@@ -59,7 +59,10 @@ def _images(folder: str) -> list[str]:
 
 
 def signature(root: str) -> str:
-  """Changes when a file is added, removed or rewritten: the scan's (and the baselines') cache key."""
+  """Changes when a file is added, removed or rewritten.
+
+  The scan's cache key, and part of the baselines' (evaluate.data_identity).
+  """
   digest = hashlib.sha256()
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
