@@ -18,6 +18,17 @@ import tempfile  # pylint: disable=g-import-not-at-top
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'ssl_jax_tests_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+import sys  # pylint: disable=g-import-not-at-top
+if 'jax' in sys.modules:
+  # JAX reads those variables when it is imported; mutmut's fork server
+  # (setup.cfg) imports it before this file runs, and without the cache every
+  # mutant compiled all its tests' programs afresh, even the ones its mutation
+  # leaves unchanged.
+  sys.modules['jax'].config.update('jax_compilation_cache_dir',
+                                   os.environ['JAX_COMPILATION_CACHE_DIR'])
+  sys.modules['jax'].config.update(
+      'jax_persistent_cache_min_compile_time_secs',
+      float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 # TensorFlow is only the input pipeline here; keep it off the GPU and small.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 

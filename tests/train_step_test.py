@@ -1,0 +1,115 @@
+"""One training step, checked against what it must do: the BYOL target is an
+exact EMA of the updated online network, the online probe never reaches the
+encoder, the logged rate is the schedule's, and the step counter advances.
+
+(train_test.py trains whole runs; these tests call the step once.)
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ssl_jax import augment
+from ssl_jax import models
+from ssl_jax import objectives
+from ssl_jax import optim
+from ssl_jax import train_step as train_step_lib
+
+TOTAL_STEPS, BATCH = 10, 16
+
+
+def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1):
+  """(state before, state after, metrics, schedule) of one jitted step on a fixed batch."""
+  config = importlib.import_module(f'configs.{method}').get_config('smoke')
+  with_target = 'byol' in method
+  model = models.create_model(config.model, 1, with_predictor=with_target, seed=0)
+  # No warm-up: the optimiser counts its own steps from 0, so a warm-up's rate 0
+  # would leave the parameters where they were whatever `step` is.
+  schedule = optim.make_schedule(config.optim, BATCH, TOTAL_STEPS, 0)
+  tx = optim.make_optimizer(config.optim, schedule)
+  probe_tx = optax.sgd(probe_lr)
+  graphdef, state = train_step_lib.create_train_state(
+      model, tx, probe_tx, num_classes=10, seed=0, with_target=with_target)
+  if with_target:
+    # A target different from the online network, so that the EMA's two terms differ.
+    state = state.replace(target_params=jax.tree.map(lambda p: p * 0.5 + 0.1,
+                                                     state.target_params))
+  state = state.replace(step=jnp.asarray(step, jnp.int32))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8),
+           'label': (rng.integers(0, 10, BATCH) if labels is None else labels
+                     ).astype(np.int32)}
+  step_fn = train_step_lib.make_train_step(
+      graphdef=graphdef, objective=objectives.build_objective(config.loss.terms), tx=tx,
+      probe_tx=probe_tx, views=augment.views_from_config('fashion_mnist'), image_size=28,
+      mean=(0.286,), std=(0.353,), crop_on_device=True, schedule=schedule,
+      total_steps=TOTAL_STEPS, tau_base=config.byol.tau_base if with_target else None,
+      log_every=log_every)
+  before = jax.device_get(state)
+  after, metrics = jax.jit(step_fn)(state, batch)
+  return before, jax.device_get(after), jax.device_get(metrics), schedule, config
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize('step', [0, 6])
+def test_byol_target_is_the_ema_of_the_updated_online_network(step):
+  before, after, metrics, _, config = one_step('byol', step=step)
+  tau = 1 - (1 - config.byol.tau_base) * (np.cos(np.pi * step / TOTAL_STEPS) + 1) / 2
+  assert float(metrics['tau']) == pytest.approx(tau, rel=1e-6)
+  for name in ('params', 'batch_stats'):
+    old_target = leaves(getattr(before, f'target_{name}'))
+    online = leaves(getattr(after, name))      # after this step's update
+    new_target = leaves(getattr(after, f'target_{name}'))
+    assert len(old_target) == len(online) == len(new_target) > 0
+    for t, o, n in zip(old_target, online, new_target):
+      np.testing.assert_allclose(n, tau * t + (1 - tau) * o, rtol=1e-5, atol=1e-6)
+  # The online network did move, so the check above is not of t = o = n.
+  assert any(not np.allclose(a, b) for a, b in zip(leaves(before.params),
+                                                   leaves(after.params)))
+
+
+def test_the_probe_learns_from_labels_but_never_moves_the_encoder():
+  rng = np.random.default_rng(1)
+  labels_a = rng.integers(0, 10, BATCH)
+  _, after_a, metrics_a, _, _ = one_step('vicreg', labels=labels_a)
+  _, after_b, metrics_b, _, _ = one_step('vicreg', labels=(labels_a + 3) % 10)
+  _, after_c, _, _, _ = one_step('vicreg', labels=labels_a, probe_lr=10.0)
+  # Other labels, or another probe rate: the probe differs...
+  assert not np.allclose(after_a.probe_params['w'], after_b.probe_params['w'])
+  assert not np.allclose(after_a.probe_params['w'], after_c.probe_params['w'])
+  # ...and the encoder, projector and BatchNorm statistics are bit for bit the same.
+  for other in (after_b, after_c):
+    for name in ('params', 'batch_stats', 'opt_state'):
+      for x, y in zip(leaves(getattr(after_a, name)), leaves(getattr(other, name))):
+        np.testing.assert_array_equal(x, y)
+  assert float(metrics_a['loss']) == float(metrics_b['loss'])
+
+
+def test_the_probe_takes_one_softmax_regression_step_from_zero():
+  # From w = 0, b = 0 the logits are 0 and the softmax uniform, so one SGD step of
+  # rate lr gives b = lr (onehot - 1/C) averaged over the labelled images.
+  labels = np.array([0, 1, 1, -1] * (BATCH // 4))     # -1: unlabelled, masked out
+  _, after, _, _, _ = one_step('vicreg', labels=labels, probe_lr=0.5)
+  labelled = labels[labels >= 0]
+  onehot = np.eye(10)[labelled]
+  np.testing.assert_allclose(after.probe_params['b'], 0.5 * (onehot - 0.1).mean(0),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_step_counter_rate_and_effective_rank_logging():
+  before, after, metrics, schedule, _ = one_step('vicreg', step=3, log_every=2)
+  assert int(after.step) == int(before.step) + 1 == 4
+  np.testing.assert_array_equal(after.rng, before.rng)   # keys are fold_in(rng, step)
+  assert float(metrics['lr']) == pytest.approx(float(schedule(3)), rel=1e-6)
+  assert float(metrics['lr']) > 0
+  assert 1.0 <= float(metrics['effective_rank']) <= BATCH    # (3 + 1) % 2 == 0: logged
+  _, _, unlogged, _, _ = one_step('vicreg', step=2, log_every=2)
+  assert float(unlogged['effective_rank']) == 0.0
