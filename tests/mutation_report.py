@@ -1,0 +1,109 @@
+"""Kill rates by module from a mutmut run, for results/mutation.md.
+
+    python tests/mutation_report.py                 # table of every mutated module
+    python tests/mutation_report.py --survivors     # and each survivor not marked equivalent
+
+Reads mutmut's own records (mutants/**/*.py.meta; mutmut 3). A survivor listed in
+tests/mutation_equivalent.txt (one `mutant-name  reason` per line) is counted as
+equivalent: a change no input can observe. The kill rate is killed / (checked -
+equivalent); timeouts and mutants with no covering test count as not killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_CORE = ('ssl_jax.losses', 'ssl_jax.estimators', 'ssl_jax.objectives')
+
+# mutmut 3.x exit codes (mutmut/stats.py).
+KILLED, SURVIVED = {1, 3}, {0}
+TIMEOUT, NO_TESTS = {36, 24, -24, 152, 255}, {5, 33}
+
+
+def equivalent_mutants(path: str) -> dict[str, str]:
+  out = {}
+  if os.path.exists(path):
+    for line in open(path):
+      line = line.strip()
+      if line and not line.startswith('#'):
+        name, _, reason = line.partition(' ')
+        out[name] = reason.strip()
+  return out
+
+
+def statuses(mutants_dir: str) -> dict[str, dict[str, int | None]]:
+  """{module: {mutant name: exit code or None (not run yet)}}."""
+  out = {}
+  for meta in sorted(glob.glob(os.path.join(mutants_dir, '**', '*.py.meta'), recursive=True)):
+    module = os.path.relpath(meta, mutants_dir)[:-len('.py.meta')].replace(os.sep, '.')
+    out[module] = json.load(open(meta))['exit_code_by_key']
+  return out
+
+
+def tally(codes: dict[str, int | None], equivalent: dict[str, str]) -> collections.Counter:
+  count = collections.Counter(mutants=len(codes))
+  for name, code in codes.items():
+    if code is None:
+      count['not run'] += 1
+    elif code in KILLED:
+      count['killed'] += 1
+    elif code in SURVIVED:
+      count['equivalent' if name in equivalent else 'survived'] += 1
+    elif code in TIMEOUT:
+      count['timeout'] += 1
+    elif code in NO_TESTS:
+      count['no test'] += 1
+    else:
+      count['other'] += 1
+  return count
+
+
+def rate(c: collections.Counter) -> str:
+  denominator = c['mutants'] - c['not run'] - c['equivalent']
+  return f"{100 * c['killed'] / denominator:.1f}%" if denominator else '-'
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--mutants', default=os.path.join(ROOT, 'mutants'))
+  parser.add_argument('--equivalent', default=os.path.join(ROOT, 'tests',
+                                                           'mutation_equivalent.txt'))
+  parser.add_argument('--survivors', action='store_true')
+  args = parser.parse_args(argv)
+  if not os.path.isdir(args.mutants):
+    print(f'No {args.mutants}: run `python -m mutmut run` first (docs/development.md).',
+          file=sys.stderr)
+    return 1
+  equivalent = equivalent_mutants(args.equivalent)
+  by_module = statuses(args.mutants)
+  columns = ('mutants', 'not run', 'killed', 'equivalent', 'survived', 'timeout', 'no test',
+             'other')
+  print('| module | ' + ' | '.join(columns) + ' | kill rate |')
+  print('|---' * (len(columns) + 2) + '|')
+  core = collections.Counter()
+  for module, codes in by_module.items():
+    c = tally(codes, equivalent)
+    if module in LOSS_CORE:
+      core += c
+    print(f'| {module} | ' + ' | '.join(str(c[k]) for k in columns) + f' | {rate(c)} |')
+  print('| **loss core** | ' + ' | '.join(str(core[k]) for k in columns)
+        + f' | **{rate(core)}** |')
+  print('\nkill rate = killed / (mutants - not run - equivalent); timeouts and mutants '
+        'no test covers count as not killed.')
+  if args.survivors:
+    print()
+    for module, codes in by_module.items():
+      for name, code in codes.items():
+        if code is not None and code not in KILLED and name not in equivalent:
+          print(f'{name}  exit {code}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
