@@ -266,3 +266,49 @@ def test_byol_pairs_each_prediction_with_the_other_views_target():
   out['t_b'], out['t_a'] = out['p_a'] * 2.0, out['p_b'] * 3.0   # parallel: cosine 1
   loss, _ = objectives.build_objective(objectives.method_terms('byol'))(out)
   assert float(loss) == pytest.approx(0.0, abs=1e-12)
+
+
+def whitened(n=8, d=3, seed=0):
+  """[n, d] with zero column means and z^T z / n = I exactly (biased covariance)."""
+  x = np.random.default_rng(seed).normal(size=(n, d))
+  q, _ = np.linalg.qr(x - x.mean(0))
+  return q * np.sqrt(n)
+
+
+def test_a_barlow_term_given_only_its_weight_takes_lambda_scale_and_eps_of_its_docs():
+  # Whitened z_a and z_b = z_a rotated by theta: after the batch norm (biased
+  # variance 1, + eps) the cross-correlation is R(theta) / (1 + eps), so the
+  # loss is scale * (2 (1 - cos / (1 + eps))^2 + lambd * 2 sin^2 / (1 + eps)^2)
+  # with the term's documented defaults lambd 0.0051, scale 0.1, eps 1e-5.
+  z_a = whitened(d=2)
+  theta = 0.7
+  rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+  out = {'z_a': jnp.asarray(z_a), 'z_b': jnp.asarray(z_a @ rot)}
+  loss, _ = objectives.build_objective({'barlow_twins': {'weight': 1.0}})(out)
+  s = 1 + 1e-5
+  expected = 0.1 * (2 * (1 - np.cos(theta) / s) ** 2 + 0.0051 * 2 * np.sin(theta) ** 2 / s ** 2)
+  assert float(loss) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_logdet_term_given_only_its_weight_is_the_per_view_beta_1_entropy_of_z():
+  # Whitened z (covariance I with the 1/N normaliser): log det(I + beta I) / 2 =
+  # D/2 log 2 at beta 1. z_b = 2 z_a has covariance 4 I: D/2 log 5. Per view the
+  # term averages the two; the concatenated batch would give D/2 log 3.5, 'n-1' or
+  # beta 2 other values, and the sphere would not see the factor 2.
+  d = 3
+  z_a = whitened(d=d)
+  out = {'z_a': jnp.asarray(z_a), 'z_b': jnp.asarray(2 * z_a)}
+  loss, metrics = objectives.build_objective({'logdet_entropy': {'weight': 1.0}})(out)
+  expected = 0.5 * (d / 2 * np.log(2) + d / 2 * np.log(5))
+  assert float(metrics['logdet_entropy']) == pytest.approx(expected, rel=1e-9)
+  assert float(loss) == pytest.approx(-expected, rel=1e-9)
+
+
+def test_on_sphere_puts_every_row_at_radius_sqrt_d_whatever_its_norm():
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4))
+                  * np.array([1e-3, 0.5, 1.0, 7.0, 1e3])[:, None])
+  on = objectives.on_sphere(z)
+  np.testing.assert_allclose(np.linalg.norm(on, axis=1), np.full(5, 2.0), rtol=1e-12)
+  # The direction is kept: each row is a positive multiple of the input row.
+  np.testing.assert_allclose(on / np.linalg.norm(on, axis=1, keepdims=True),
+                             z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-12)
