@@ -467,7 +467,7 @@ def test_per_sample_terms_accept_a_single_row():
 
 
 @pytest.mark.parametrize('name', ['vicreg', 'barlow_twins', 'nt_xent', 'variance', 'covariance',
-                                  'logdet_entropy', 'pairwise_entropy'])
+                                  'logdet_entropy', 'pairwise_entropy', 'gaussian_entropy'])
 def test_one_row_per_device_gives_the_global_batch_value(name):
   """A batch statistic gathered over devices needs N >= 2 globally, not on each device:
   with 8 devices and 8 rows, each device holds one row, and the value is the one-device one."""
@@ -478,7 +478,8 @@ def test_one_row_per_device_gives_the_global_batch_value(name):
       'variance': lambda a, b, **kw: losses.variance(a, **kw),
       'covariance': lambda a, b, **kw: losses.covariance(a, **kw),
       'logdet_entropy': lambda a, b, **kw: estimators.logdet_entropy(a, **kw),
-      'pairwise_entropy': lambda a, b, **kw: estimators.pairwise_entropy(a, **kw)}
+      'pairwise_entropy': lambda a, b, **kw: estimators.pairwise_entropy(a, **kw),
+      'gaussian_entropy': lambda a, b, **kw: estimators.gaussian_entropy(a, **kw)}
   fn = fns[name]
   n = jax.device_count()
   a, b = normal(3, (n, 5)), normal(4, (n, 5))
@@ -501,3 +502,51 @@ def test_two_rows_are_enough_for_vicreg():
   # gamma and eps reach the variance term: std sqrt(2 + 0.5) under gamma = 2 hinges.
   loss, _ = losses.vicreg(a, a, gamma=2.0, eps=0.5)
   assert float(loss) == pytest.approx(25.0 * (2.0 - math.sqrt(2.5)) + 8.0)
+
+
+@pytest.mark.parametrize('fn, name', [
+    (lambda z: losses.barlow_twins(z, z), 'z_a'),
+    (lambda z: estimators.gaussian_entropy(z), 'z'),
+])
+def test_one_row_without_devices_is_refused_naming_the_input(fn, name):
+  with pytest.raises(ValueError, match=f'^{name} has N=1 rows'):
+    fn(jnp.ones((1, 3)))
+
+
+def test_two_rows_are_enough_for_barlow_twins_with_its_documented_defaults():
+  """Rows (1, 1), (-1, -1) and (1, -1), (-1, 1): each column has mean 0 and biased
+  variance 1, so after the batch norm c = s [[1, -1], [1, -1]] with s = 1 / sqrt(1 + eps)^2,
+  and the loss is scale ((1 - s)^2 + (1 + s)^2 + lambd 2 s^2), defaults lambd 0.0051,
+  scale 1, eps 1e-5."""
+  a = jnp.array([[1.0, 1.0], [-1.0, -1.0]], jnp.float64)
+  b = jnp.array([[1.0, -1.0], [-1.0, 1.0]], jnp.float64)
+  s = 1 / (1 + 1e-5)
+  loss, metrics = losses.barlow_twins(a, b)
+  assert float(loss) == pytest.approx((1 - s) ** 2 + (1 + s) ** 2 + 0.0051 * 2 * s ** 2,
+                                      rel=1e-12)
+  assert float(metrics['off_diag']) == pytest.approx(2 * s ** 2, rel=1e-12)
+
+
+def test_gaussian_entropy_of_two_points_ridge_and_the_singular_case():
+  """Closed forms: two points 0 and 2 in 1-D have unbiased variance 2, so
+  H = log(2 pi e 2) / 2. A whitened sample (biased covariance I, N = 8, D = 3) has
+  unbiased covariance 8/7 I, and with the ridge eps = 0.5
+  H = 3/2 log(2 pi e) + 3/2 log(8/7 + 1/2). N = D without a ridge is singular."""
+  two = jnp.array([[0.0], [2.0]], jnp.float64)
+  assert float(estimators.gaussian_entropy(two)[0]) == pytest.approx(
+      0.5 * math.log(2 * math.pi * math.e * 2.0), rel=1e-12)
+  x = np.random.default_rng(0).normal(size=(8, 3))
+  q, _ = np.linalg.qr(x - x.mean(0))
+  z = jnp.asarray(q * np.sqrt(8))
+  assert float(estimators.gaussian_entropy(z, eps=0.5)[0]) == pytest.approx(
+      1.5 * math.log(2 * math.pi * math.e) + 1.5 * math.log(8 / 7 + 0.5), rel=1e-12)
+  with pytest.raises(ValueError, match='^gaussian_entropy needs N > D'):
+    estimators.gaussian_entropy(jnp.asarray(q[:3] * 3.0))   # N = D = 3
+
+
+def test_gaussian_entropy_keeps_float32_when_float64_is_enabled():
+  # The ridge must not promote a float32 batch (a float64 identity would).
+  z = jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)), jnp.float32)
+  with jax.enable_x64(True):
+    entropy, _ = estimators.gaussian_entropy(z, eps=0.1)
+  assert entropy.dtype == jnp.float32

@@ -6,6 +6,7 @@ give the value and gradients of one device on the whole batch.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -312,3 +313,11 @@ def test_on_sphere_puts_every_row_at_radius_sqrt_d_whatever_its_norm():
   # The direction is kept: each row is a positive multiple of the input row.
   np.testing.assert_allclose(on / np.linalg.norm(on, axis=1, keepdims=True),
                              z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-12)
+
+
+def test_an_nt_xent_term_given_only_its_weight_uses_temperature_0_2():
+  # Two orthogonal images, both views equal: every anchor has cosine 1 with its
+  # positive and 0 with its two negatives, so the loss is log(1 + 2 exp(-1 / T)).
+  z = jnp.eye(2, dtype=jnp.float64)
+  loss, _ = objectives.build_objective({'nt_xent': {'weight': 1.0}})({'z_a': z, 'z_b': z})
+  assert float(loss) == pytest.approx(math.log(1 + 2 * math.exp(-5.0)), rel=1e-9)
