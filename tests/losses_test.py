@@ -525,6 +525,17 @@ def test_two_rows_are_enough_for_barlow_twins_with_its_documented_defaults():
   assert float(loss) == pytest.approx((1 - s) ** 2 + (1 + s) ** 2 + 0.0051 * 2 * s ** 2,
                                       rel=1e-12)
   assert float(metrics['off_diag']) == pytest.approx(2 * s ** 2, rel=1e-12)
+  assert float(metrics['on_diag']) == pytest.approx((1 - s) ** 2 + (1 + s) ** 2, rel=1e-12)
+
+
+def test_barlow_twins_does_not_see_a_rescaled_column():
+  # Each column is batch-normalised on its own, so scaling one column of one
+  # view leaves c, and the loss, unchanged (up to eps against the variances).
+  a, b = normal(5, (32, 4)), normal(6, (32, 4))
+  scaled_a = a * jnp.array([1.0, 10.0, 0.1, 3.0])
+  scaled_b = b * jnp.array([7.0, 1.0, 1.0, 0.2])
+  np.testing.assert_allclose(float(losses.barlow_twins(scaled_a, scaled_b, eps=1e-12)[0]),
+                             float(losses.barlow_twins(a, b, eps=1e-12)[0]), rtol=1e-9)
 
 
 def test_gaussian_entropy_of_two_points_ridge_and_the_singular_case():

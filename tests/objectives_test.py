@@ -321,3 +321,15 @@ def test_an_nt_xent_term_given_only_its_weight_uses_temperature_0_2():
   z = jnp.eye(2, dtype=jnp.float64)
   loss, _ = objectives.build_objective({'nt_xent': {'weight': 1.0}})({'z_a': z, 'z_b': z})
   assert float(loss) == pytest.approx(math.log(1 + 2 * math.exp(-5.0)), rel=1e-9)
+
+
+def test_a_pairwise_term_given_only_its_weight_is_the_per_view_kl_bound_at_the_median():
+  # Two points at distance delta: the median squared distance is delta^2, so sigma^2 =
+  # delta^2 (factor 1), and the KL (upper) bound is
+  # 1/2 log(2 pi e delta^2) + log 2 - log(1 + exp(-delta^2 / (2 sigma^2))), per view.
+  z_a = jnp.array([[0.0], [3.0]], jnp.float64)
+  out = {'z_a': z_a, 'z_b': 2 * z_a}
+  _, metrics = objectives.build_objective({'pairwise_entropy': {'weight': 1.0}})(out)
+  h = lambda delta: (0.5 * math.log(2 * math.pi * math.e * delta ** 2) + math.log(2)
+                     - math.log(1 + math.exp(-0.5)))
+  assert float(metrics['pairwise_entropy']) == pytest.approx(0.5 * (h(3.0) + h(6.0)), rel=1e-9)
