@@ -507,6 +507,8 @@ def test_two_rows_are_enough_for_vicreg():
 @pytest.mark.parametrize('fn, name', [
     (lambda z: losses.barlow_twins(z, z), 'z_a'),
     (lambda z: estimators.gaussian_entropy(z), 'z'),
+    (lambda z: estimators.logdet_entropy(z), 'z'),
+    (lambda z: estimators.pairwise_entropy(z), 'z'),
 ])
 def test_one_row_without_devices_is_refused_naming_the_input(fn, name):
   with pytest.raises(ValueError, match=f'^{name} has N=1 rows'):
