@@ -509,6 +509,7 @@ def test_two_rows_are_enough_for_vicreg():
     (lambda z: estimators.gaussian_entropy(z), 'z'),
     (lambda z: estimators.logdet_entropy(z), 'z'),
     (lambda z: estimators.pairwise_entropy(z), 'z'),
+    (lambda z: losses.nt_xent(z, z), 'z_a'),
 ])
 def test_one_row_without_devices_is_refused_naming_the_input(fn, name):
   with pytest.raises(ValueError, match=f'^{name} has N=1 rows'):
@@ -563,3 +564,16 @@ def test_gaussian_entropy_keeps_float32_when_float64_is_enabled():
   with jax.enable_x64(True):
     entropy, _ = estimators.gaussian_entropy(z, eps=0.1)
   assert entropy.dtype == jnp.float32
+
+
+def test_nt_xent_with_its_default_temperature_and_its_top1_metric():
+  """Two orthogonal images with equal views: each of the 4 anchors has cosine 1 with
+  its positive and 0 with its 2 negatives, so the loss is log(1 + 2 exp(-1 / 0.2)) and
+  every positive is the nearest; with view b's images swapped every nearest is a
+  negative."""
+  eye = jnp.eye(2, dtype=jnp.float64)
+  loss, metrics = losses.nt_xent(eye, eye)
+  assert float(loss) == pytest.approx(math.log(1 + 2 * math.exp(-5.0)), rel=1e-12)
+  assert float(metrics['positive_top1']) == 1.0
+  _, swapped = losses.nt_xent(eye, eye[::-1])
+  assert float(swapped['positive_top1']) == 0.0

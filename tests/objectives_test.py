@@ -333,3 +333,16 @@ def test_a_pairwise_term_given_only_its_weight_is_the_per_view_kl_bound_at_the_m
   h = lambda delta: (0.5 * math.log(2 * math.pi * math.e * delta ** 2) + math.log(2)
                      - math.log(1 + math.exp(-0.5)))
   assert float(metrics['pairwise_entropy']) == pytest.approx(0.5 * (h(3.0) + h(6.0)), rel=1e-9)
+
+
+def test_concatenated_entropy_takes_one_row_per_view_and_names_the_inputs_it_reads():
+  # [p_a; p_b] has 2 rows, enough for a batch statistic, though each view has one.
+  terms = {'logdet_entropy': {'weight': 1.0, 'mode': 'concat', 'inputs': 'p'}}
+  objective = objectives.build_objective(terms)
+  one_row = {'z_a': jnp.zeros((1, 2)), 'z_b': jnp.zeros((1, 2)),
+             'p_a': jnp.array([[0.0, 0.0]]), 'p_b': jnp.array([[2.0, 0.0]])}
+  # The two rows (0, 0) and (2, 0): covariance diag(1, 0) with 1/N, so log det = log 2 / 2.
+  assert float(objective(one_row)[1]['logdet_entropy']) == pytest.approx(0.5 * math.log(2))
+  mismatched = {**one_row, 'p_b': jnp.zeros((1, 3))}
+  with pytest.raises(ValueError, match='^p_a and p_b must have the same shape'):
+    objective(mismatched)
