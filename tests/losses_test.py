@@ -577,3 +577,11 @@ def test_nt_xent_with_its_default_temperature_and_its_top1_metric():
   assert float(metrics['positive_top1']) == 1.0
   _, swapped = losses.nt_xent(eye, eye[::-1])
   assert float(swapped['positive_top1']) == 0.0
+
+
+def test_chernoff_constant_defaults_to_bhattacharyya_and_refuses_alpha_zero():
+  # 2 / (alpha (1 - alpha)) at alpha = 1/2 is 8, the Bhattacharyya constant.
+  assert estimators.pairwise_kernel_constant('chernoff') == pytest.approx(8.0)
+  for alpha in (0.0, 1.0):
+    with pytest.raises(ValueError, match=r'^The Chernoff bound needs alpha in \(0, 1\)'):
+      estimators.pairwise_kernel_constant('chernoff', alpha)

@@ -346,3 +346,18 @@ def test_concatenated_entropy_takes_one_row_per_view_and_names_the_inputs_it_rea
   mismatched = {**one_row, 'p_b': jnp.zeros((1, 3))}
   with pytest.raises(ValueError, match='^p_a and p_b must have the same shape'):
     objective(mismatched)
+
+
+def test_variance_and_covariance_terms_given_only_their_weight():
+  # Rows (0, 0) and (1, 1): each column's unbiased variance is 1/2, so the variance hinge
+  # is relu(1 - sqrt(1/2 + 1e-4)) per column (gamma 1, eps 1e-4), averaged over the
+  # views. Rows (0, 0) and (2, 2): covariance 2 off the diagonal, 2 * 2^2 / D = 4 per
+  # view, summed over the two views.
+  small = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+  _, metrics = objectives.build_objective({'variance': {'weight': 1.0}})(
+      {'z_a': small, 'z_b': small})
+  assert float(metrics['variance']) == pytest.approx(1 - math.sqrt(0.5 + 1e-4), rel=1e-12)
+  wide = 2 * small
+  _, metrics = objectives.build_objective({'covariance': {'weight': 1.0}})(
+      {'z_a': wide, 'z_b': wide})
+  assert float(metrics['covariance']) == pytest.approx(8.0, rel=1e-12)
