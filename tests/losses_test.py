@@ -558,12 +558,23 @@ def test_gaussian_entropy_of_two_points_ridge_and_the_singular_case():
     estimators.gaussian_entropy(jnp.asarray(q[:3] * 3.0))   # N = D = 3
 
 
-def test_gaussian_entropy_keeps_float32_when_float64_is_enabled():
-  # The ridge must not promote a float32 batch (a float64 identity would).
+@pytest.mark.parametrize('estimate', [
+    lambda z: estimators.gaussian_entropy(z, eps=0.1),
+    lambda z: estimators.pairwise_entropy(z, sigma=0.5),     # a fixed bandwidth
+])
+def test_entropies_keep_float32_when_float64_is_enabled(estimate):
+  # A constant built as float64 (the ridge's identity, a fixed sigma^2) would promote
+  # a float32 batch.
   z = jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)), jnp.float32)
   with jax.enable_x64(True):
-    entropy, _ = estimators.gaussian_entropy(z, eps=0.1)
+    entropy, _ = estimate(z)
   assert entropy.dtype == jnp.float32
+
+
+def test_the_chernoff_bound_at_its_default_alpha_is_bhattacharyya():
+  z = normal(7, (12, 3))
+  np.testing.assert_allclose(float(estimators.pairwise_entropy(z, bound='chernoff')[0]),
+                             float(estimators.pairwise_entropy(z, bound='lower')[0]), rtol=1e-12)
 
 
 def test_nt_xent_with_its_default_temperature_and_its_top1_metric():
