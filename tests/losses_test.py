@@ -510,6 +510,8 @@ def test_two_rows_are_enough_for_vicreg():
     (lambda z: estimators.logdet_entropy(z), 'z'),
     (lambda z: estimators.pairwise_entropy(z), 'z'),
     (lambda z: losses.nt_xent(z, z), 'z_a'),
+    (lambda z: losses.variance(z), 'z'),
+    (lambda z: losses.covariance(z), 'z'),
 ])
 def test_one_row_without_devices_is_refused_naming_the_input(fn, name):
   with pytest.raises(ValueError, match=f'^{name} has N=1 rows'):
@@ -596,3 +598,11 @@ def test_chernoff_constant_defaults_to_bhattacharyya_and_refuses_alpha_zero():
   for alpha in (0.0, 1.0):
     with pytest.raises(ValueError, match=r'^The Chernoff bound needs alpha in \(0, 1\)'):
       estimators.pairwise_kernel_constant('chernoff', alpha)
+
+
+def test_variance_of_one_feature_with_its_documented_defaults():
+  # Points 0 and 1: unbiased variance 1/2, so relu(gamma - sqrt(1/2 + eps)) with gamma 1,
+  # eps 1e-4. One feature (D = 1) is a valid embedding.
+  loss, metrics = losses.variance(jnp.array([[0.0], [1.0]], jnp.float64))
+  assert float(loss) == pytest.approx(1 - math.sqrt(0.5 + 1e-4), rel=1e-12)
+  assert float(metrics['std_mean']) == pytest.approx(math.sqrt(0.5 + 1e-4), rel=1e-12)
