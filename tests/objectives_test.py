@@ -265,8 +265,9 @@ def test_byol_pairs_each_prediction_with_the_other_views_target():
   p_b = t_a make the loss 0; pairing p_b with t_b instead would not."""
   out = make_outputs(n=8, d=4, seed=1)
   out['t_b'], out['t_a'] = out['p_a'] * 2.0, out['p_b'] * 3.0   # parallel: cosine 1
-  loss, _ = objectives.build_objective(objectives.method_terms('byol'))(out)
+  loss, metrics = objectives.build_objective(objectives.method_terms('byol'))(out)
   assert float(loss) == pytest.approx(0.0, abs=1e-12)
+  assert set(metrics) == {'loss', 'byol'}    # the term's value once, under its name
 
 
 def whitened(n=8, d=3, seed=0):
@@ -357,6 +358,8 @@ def test_variance_and_covariance_terms_given_only_their_weight():
   _, metrics = objectives.build_objective({'variance': {'weight': 1.0}})(
       {'z_a': small, 'z_b': small})
   assert float(metrics['variance']) == pytest.approx(1 - math.sqrt(0.5 + 1e-4), rel=1e-12)
+  # A term's other metrics are averaged over the views too.
+  assert float(metrics['variance/std_mean']) == pytest.approx(math.sqrt(0.5 + 1e-4), rel=1e-12)
   wide = 2 * small
   _, metrics = objectives.build_objective({'covariance': {'weight': 1.0}})(
       {'z_a': wide, 'z_b': wide})
