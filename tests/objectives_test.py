@@ -364,3 +364,25 @@ def test_variance_and_covariance_terms_given_only_their_weight():
   _, metrics = objectives.build_objective({'covariance': {'weight': 1.0}})(
       {'z_a': wide, 'z_b': wide})
   assert float(metrics['covariance']) == pytest.approx(8.0, rel=1e-12)
+
+
+def test_method_terms_are_fresh_copies_and_a_zero_weight_turns_a_term_off():
+  # Editing one config's terms (as a command-line override does) leaves the next one alone.
+  first = objectives.method_terms('vicreg_it', vicreg_terms='add')
+  first['variance']['weight'] = 123.0
+  first['variance']['gamma'] = 9.0
+  again = objectives.method_terms('vicreg_it', vicreg_terms='add')
+  assert again['variance']['weight'] != 123.0 and again['variance'].get('gamma') != 9.0
+  # Weight 0 is valid (a term switched off) and adds nothing.
+  out = make_outputs()
+  off = objectives.method_terms('vicreg')
+  off['covariance']['weight'] = 0.0
+  no_cov = {k: v for k, v in objectives.method_terms('vicreg').items() if k != 'covariance'}
+  assert float(objectives.build_objective(off)(out)[0]) == pytest.approx(
+      float(objectives.build_objective(no_cov)(out)[0]), rel=1e-12)
+
+
+def test_an_entropy_of_the_predictions_asks_the_model_for_them():
+  assert objectives.needed_outputs({'logdet_entropy': {'weight': 1.0}}) == {'z_a', 'z_b'}
+  assert objectives.needed_outputs({'logdet_entropy': {'weight': 1.0, 'inputs': 'p'}}) == {
+      'z_a', 'z_b', 'p_a', 'p_b'}
