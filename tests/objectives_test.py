@@ -386,3 +386,10 @@ def test_an_entropy_of_the_predictions_asks_the_model_for_them():
   assert objectives.needed_outputs({'logdet_entropy': {'weight': 1.0}}) == {'z_a', 'z_b'}
   assert objectives.needed_outputs({'logdet_entropy': {'weight': 1.0, 'inputs': 'p'}}) == {
       'z_a', 'z_b', 'p_a', 'p_b'}
+
+
+@pytest.mark.parametrize('reserved', ['outputs', 'axis_name'])
+def test_a_term_cannot_be_given_the_arguments_the_objective_passes_itself(reserved):
+  # They would clash with the objective's own call (a TypeError deep in tracing).
+  with pytest.raises(ValueError, match=rf"^Term 'variance' has unknown parameters \['{reserved}'\]"):
+    objectives.validate_terms({'variance': {'weight': 1.0, reserved: 'x'}})
