@@ -393,3 +393,26 @@ def test_a_term_cannot_be_given_the_arguments_the_objective_passes_itself(reserv
   # They would clash with the objective's own call (a TypeError deep in tracing).
   with pytest.raises(ValueError, match=rf"^Term 'variance' has unknown parameters \['{reserved}'\]"):
     objectives.validate_terms({'variance': {'weight': 1.0, reserved: 'x'}})
+
+
+def test_a_concatenated_entropy_on_8_devices_is_the_global_one():
+  # mode 'concat' gathers [z_a; z_b] over the devices before the estimate.
+  terms = {'logdet_entropy': {'weight': 1.0, 'mode': 'concat'},
+           'pairwise_entropy': {'weight': 1.0, 'mode': 'concat'}}
+  objective = objectives.build_objective(terms)
+  out = {k: v for k, v in make_outputs(n=16, d=4, seed=2).items() if k in ('z_a', 'z_b')}
+  expected = float(objective(out)[0])
+  mesh = sharding.make_mesh()
+  sm = jax.shard_map(lambda o: objective(o, axis_name=sharding.DATA_AXIS)[0], mesh=mesh,
+                     in_specs=P(sharding.DATA_AXIS), out_specs=P())
+  assert float(jax.jit(sm)(out)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_concatenated_pairwise_term_keeps_its_median_bandwidth():
+  # One row per view: [z_a; z_b] = points 0 and 3, the two-point KL bound at sigma^2 = 9.
+  out = {'z_a': jnp.array([[0.0]]), 'z_b': jnp.array([[3.0]])}
+  _, metrics = objectives.build_objective(
+      {'pairwise_entropy': {'weight': 1.0, 'mode': 'concat'}})(out)
+  assert float(metrics['pairwise_entropy']) == pytest.approx(
+      0.5 * math.log(2 * math.pi * math.e * 9.0) + math.log(2) - math.log(1 + math.exp(-0.5)),
+      rel=1e-9)
