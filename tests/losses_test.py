@@ -545,19 +545,16 @@ def test_barlow_twins_does_not_see_a_rescaled_column():
 
 def test_gaussian_entropy_of_two_points_ridge_and_the_singular_case():
   """Closed forms: two points 0 and 2 in 1-D have unbiased variance 2, so
-  H = log(2 pi e 2) / 2. A whitened sample (biased covariance I, N = 8, D = 3) has
-  unbiased covariance 8/7 I, and with the ridge eps = 0.5
-  H = 3/2 log(2 pi e) + 3/2 log(8/7 + 1/2). N = D without a ridge is singular."""
+  H = log(2 pi e 2) / 2. A whitened sample (unbiased covariance I, N = 8, D = 3) with
+  the ridge eps = 0.5 has H = 3/2 log(2 pi e) + 3/2 log(1 + 1/2). N = D without a
+  ridge is singular."""
   two = jnp.array([[0.0], [2.0]], jnp.float64)
   assert float(estimators.gaussian_entropy(two)[0]) == pytest.approx(
       0.5 * math.log(2 * math.pi * math.e * 2.0), rel=1e-12)
-  x = np.random.default_rng(0).normal(size=(8, 3))
-  q, _ = np.linalg.qr(x - x.mean(0))
-  z = jnp.asarray(q * np.sqrt(8))
-  assert float(estimators.gaussian_entropy(z, eps=0.5)[0]) == pytest.approx(
-      1.5 * math.log(2 * math.pi * math.e) + 1.5 * math.log(8 / 7 + 0.5), rel=1e-12)
+  assert float(estimators.gaussian_entropy(whitened(8, 3, 1.0), eps=0.5)[0]) == pytest.approx(
+      1.5 * math.log(2 * math.pi * math.e) + 1.5 * math.log(1.5), rel=1e-12)
   with pytest.raises(ValueError, match='^gaussian_entropy needs N > D'):
-    estimators.gaussian_entropy(jnp.asarray(q[:3] * 3.0))   # N = D = 3
+    estimators.gaussian_entropy(normal(8, (3, 3)))   # N = D = 3
 
 
 @pytest.mark.parametrize('estimate', [
