@@ -15,6 +15,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import sys
 
@@ -69,6 +70,25 @@ def rate(c: collections.Counter) -> str:
   return f"{100 * c['killed'] / denominator:.1f}%" if denominator else '-'
 
 
+def wilson_interval(killed: int, total: int, z: float = 1.96) -> tuple[float, float]:
+  """95% Wilson score interval of a binomial proportion (Wilson 1927)."""
+  if total == 0:
+    return 0.0, 1.0
+  p = killed / total
+  centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+  half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sample_interval(c: collections.Counter) -> str:
+  """The module's kill rate, if the mutants run are a uniform sample of it (mutation_sample.py)."""
+  denominator = c['mutants'] - c['not run'] - c['equivalent']
+  if not c['not run'] or not denominator:
+    return ''
+  lo, hi = wilson_interval(c['killed'], denominator)
+  return f'{100 * lo:.1f}-{100 * hi:.1f}%'
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--mutants', default=os.path.join(ROOT, 'mutants'))
@@ -84,18 +104,21 @@ def main(argv=None) -> int:
   by_module = statuses(args.mutants)
   columns = ('mutants', 'not run', 'killed', 'equivalent', 'survived', 'timeout', 'no test',
              'other')
-  print('| module | ' + ' | '.join(columns) + ' | kill rate |')
-  print('|---' * (len(columns) + 2) + '|')
+  print('| module | ' + ' | '.join(columns) + ' | kill rate | 95% interval if a sample |')
+  print('|---' * (len(columns) + 3) + '|')
   core = collections.Counter()
   for module, codes in by_module.items():
     c = tally(codes, equivalent)
     if module in LOSS_CORE:
       core += c
-    print(f'| {module} | ' + ' | '.join(str(c[k]) for k in columns) + f' | {rate(c)} |')
+    print(f'| {module} | ' + ' | '.join(str(c[k]) for k in columns)
+          + f' | {rate(c)} | {sample_interval(c)} |')
   print('| **loss core** | ' + ' | '.join(str(core[k]) for k in columns)
-        + f' | **{rate(core)}** |')
+        + f' | **{rate(core)}** | |')
   print('\nkill rate = killed / (mutants - not run - equivalent); timeouts and mutants '
-        'no test covers count as not killed.')
+        'no test covers count as not killed.\nWhere a module\'s mutants were not all run, the '
+        'interval (Wilson, 95%) is its kill rate\'s if those run are a uniform sample '
+        '(tests/mutation_sample.py); mutmut\'s own order is not one.')
   if args.survivors:
     print()
     for module, codes in by_module.items():

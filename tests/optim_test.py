@@ -144,6 +144,10 @@ def test_byol_tau_follows_its_cosine_from_tau_base_to_one():
       1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2, rel=1e-6)
   assert float(optim.byol_tau(100, 100, 0.99)) == pytest.approx(1.0, rel=1e-6)
   assert float(optim.byol_tau(150, 100, 0.99)) == pytest.approx(1.0, rel=1e-6)
+  # A one-step run ends at 1 after its step; zero total steps read as one.
+  assert float(optim.byol_tau(1, 1, 0.9)) == pytest.approx(1.0, rel=1e-6)
+  assert float(optim.byol_tau(0, 0, 0.9)) == pytest.approx(0.9, rel=1e-6)
+  assert float(optim.byol_tau(1, 0, 0.9)) == pytest.approx(1.0, rel=1e-6)
 
 
 @pytest.mark.parametrize('overrides, message', [

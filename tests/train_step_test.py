@@ -22,15 +22,18 @@ from ssl_jax import train_step as train_step_lib
 TOTAL_STEPS, BATCH = 10, 16
 
 
-def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1):
-  """(state before, state after, metrics, schedule) of one jitted step on a fixed batch."""
+def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None):
+  """(state before, state after, metrics, schedule) of one jitted step on a fixed batch.
+
+  tx: the optimiser (default: the config's, LARS for VICReg).
+  """
   config = importlib.import_module(f'configs.{method}').get_config('smoke')
   with_target = 'byol' in method
   model = models.create_model(config.model, 1, with_predictor=with_target, seed=0)
   # No warm-up: the optimiser counts its own steps from 0, so a warm-up's rate 0
   # would leave the parameters where they were whatever `step` is.
   schedule = optim.make_schedule(config.optim, BATCH, TOTAL_STEPS, 0)
-  tx = optim.make_optimizer(config.optim, schedule)
+  tx = tx or optim.make_optimizer(config.optim, schedule)
   probe_tx = optax.sgd(probe_lr)
   graphdef, state = train_step_lib.create_train_state(
       model, tx, probe_tx, num_classes=10, seed=0, with_target=with_target)
@@ -112,3 +115,45 @@ def test_step_counter_rate_and_effective_rank_logging():
   assert 1.0 <= float(metrics['effective_rank']) <= BATCH    # (3 + 1) % 2 == 0: logged
   _, _, unlogged, _, _ = one_step('vicreg', step=2, log_every=2)
   assert float(unlogged['effective_rank']) == 0.0
+
+
+def test_logged_norms_are_those_of_the_gradient_update_and_new_parameters():
+  # Plain SGD at rate 0.5: the update is -0.5 x the gradient.
+  before, after, metrics, _, _ = one_step('vicreg', tx=optax.sgd(0.5))
+  update = [a - b for a, b in zip(leaves(after.params), leaves(before.params))]
+  norm = lambda arrays: np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64)))
+                                    for a in arrays))
+  assert float(metrics['l2_updates']) == pytest.approx(norm(update), rel=1e-4)
+  assert float(metrics['l2_grads']) == pytest.approx(norm(update) / 0.5, rel=1e-4)
+  assert float(metrics['l2_params']) == pytest.approx(norm(leaves(after.params)), rel=1e-5)
+  assert float(metrics['l2_updates']) > 0
+
+
+@pytest.mark.parametrize('with_target', [False, True])
+def test_the_initial_state(with_target):
+  config = importlib.import_module('configs.vicreg').get_config('smoke')
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  probe_tx = optax.sgd(0.1, momentum=0.9)           # a probe optimiser with state
+  _, state = train_step_lib.create_train_state(
+      model, optax.sgd(0.1, momentum=0.9), probe_tx, num_classes=10, seed=3,
+      with_target=with_target)
+  # Step 0, int32: the checkpoints' and the counter's type on every platform.
+  assert state.step.dtype == jnp.int32 and state.step.shape == () and int(state.step) == 0
+  features = model.encoder.out_features
+  assert state.probe_params['w'].shape == (features, 10) and state.probe_params['b'].shape == (
+      10,)
+  assert not np.any(leaves(state.probe_params)[0]) and not np.any(leaves(state.probe_params)[1])
+  # The probe's momentum, shaped like the probe; the encoder's, like the encoder.
+  assert ([x.shape for x in leaves(state.probe_opt_state)]
+          == [x.shape for x in leaves(state.probe_params)])
+  assert ([x.shape for x in leaves(state.opt_state)] == [x.shape for x in leaves(state.params)])
+  # Keys from the seed: another seed, another key.
+  _, other = train_step_lib.create_train_state(
+      model, optax.sgd(0.1), probe_tx, num_classes=10, seed=4, with_target=False)
+  assert not np.array_equal(state.rng, other.rng)
+  if with_target:   # the EMA target starts as a copy of the online network
+    for name in ('params', 'batch_stats'):
+      for t, o in zip(leaves(getattr(state, f'target_{name}')), leaves(getattr(state, name))):
+        np.testing.assert_array_equal(t, o)
+  else:             # no second network's memory for methods without one
+    assert state.target_params is None and state.target_batch_stats is None
