@@ -22,10 +22,13 @@ from ssl_jax import train_step as train_step_lib
 TOTAL_STEPS, BATCH = 10, 16
 
 
-def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None):
+def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
+             stats_shift=0.0, views=None, crop_on_device=True):
   """(state before, state after, metrics, schedule) of one jitted step on a fixed batch.
 
-  tx: the optimiser (default: the config's, LARS for VICReg).
+  tx: the optimiser (default: the config's, LARS for VICReg). stats_shift is
+  added to every BatchNorm running statistic before the step; views default
+  to the Fashion-MNIST preset.
   """
   config = importlib.import_module(f'configs.{method}').get_config('smoke')
   with_target = 'byol' in method
@@ -41,15 +44,17 @@ def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None)
     # A target different from the online network, so that the EMA's two terms differ.
     state = state.replace(target_params=jax.tree.map(lambda p: p * 0.5 + 0.1,
                                                      state.target_params))
-  state = state.replace(step=jnp.asarray(step, jnp.int32))
+  state = state.replace(step=jnp.asarray(step, jnp.int32),
+                        batch_stats=jax.tree.map(lambda x: x + stats_shift, state.batch_stats))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8),
            'label': (rng.integers(0, 10, BATCH) if labels is None else labels
                      ).astype(np.int32)}
   step_fn = train_step_lib.make_train_step(
       graphdef=graphdef, objective=objectives.build_objective(config.loss.terms), tx=tx,
-      probe_tx=probe_tx, views=augment.views_from_config('fashion_mnist'), image_size=28,
-      mean=(0.286,), std=(0.353,), crop_on_device=True, schedule=schedule,
+      probe_tx=probe_tx, views=views or augment.views_from_config('fashion_mnist'),
+      image_size=28, mean=(0.286,), std=(0.353,), crop_on_device=crop_on_device,
+      schedule=schedule,
       total_steps=TOTAL_STEPS, tau_base=config.byol.tau_base if with_target else None,
       log_every=log_every)
   before = jax.device_get(state)
@@ -157,3 +162,38 @@ def test_the_initial_state(with_target):
         np.testing.assert_array_equal(t, o)
   else:             # no second network's memory for methods without one
     assert state.target_params is None and state.target_batch_stats is None
+
+
+def test_batchnorm_trains_on_each_view_in_turn_and_ignores_its_running_averages():
+  """Training-mode BatchNorm: the loss uses the batch's statistics, and the running
+  averages move twice (view a, then view b), new = m^2 old + (terms of the batches)."""
+  from flax import nnx
+  config = importlib.import_module('configs.vicreg').get_config('smoke')
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  momenta = {m.momentum for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)}
+  assert len(momenta) == 1
+  m = momenta.pop()
+  before, after, metrics, _, _ = one_step('vicreg', tx=optax.sgd(0.1))
+  before_s, after_s, metrics_s, _, _ = one_step('vicreg', tx=optax.sgd(0.1), stats_shift=0.5)
+  assert float(metrics_s['loss']) == float(metrics['loss'])
+  for x, y in zip(leaves(after.params), leaves(after_s.params)):
+    np.testing.assert_array_equal(x, y)
+  stats, shifted = leaves(after.batch_stats), leaves(after_s.batch_stats)
+  assert len(stats) > 0
+  for x, y in zip(stats, shifted):
+    np.testing.assert_allclose(y - x, m * m * 0.5, rtol=1e-4, atol=1e-5)
+  # And they did move from where they were.
+  assert any(not np.allclose(a, b) for a, b in zip(leaves(before.batch_stats), stats))
+
+
+def test_host_cropped_batches_are_not_cropped_again_on_device():
+  # Views that only crop (to a tenth of the area): cropped on device they differ, so the
+  # invariance term is positive; with crop_on_device False both views are the image
+  # itself and the two embeddings are equal.
+  crop_only = augment.ViewParams(**{**augment.PRESETS['none'][0], 'crop_scale': (0.1, 0.1),
+                                    'crop_ratio': (3 / 4, 4 / 3)})
+  _, _, cropped, _, _ = one_step('vicreg', views=(crop_only, crop_only))
+  _, _, uncropped, _, _ = one_step('vicreg', views=(crop_only, crop_only),
+                                   crop_on_device=False)
+  assert float(cropped['invariance']) > 1e-3
+  assert float(uncropped['invariance']) == pytest.approx(0.0, abs=1e-10)
