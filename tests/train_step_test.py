@@ -197,3 +197,26 @@ def test_host_cropped_batches_are_not_cropped_again_on_device():
                                    crop_on_device=False)
   assert float(cropped['invariance']) > 1e-3
   assert float(uncropped['invariance']) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_logged_probe_and_embedding_statistics_are_those_of_the_first_view():
+  from flax import nnx
+  identity = augment.ViewParams(**augment.PRESETS['none'][0])
+  labels = np.array([0, 3, 3, -1] * (BATCH // 4))
+  before, _, metrics, _, config = one_step('vicreg', views=(identity, identity),
+                                           crop_on_device=False, labels=labels)
+  # The probe starts at zero: uniform softmax (loss log 10) and argmax class 0, over
+  # the labelled images only.
+  assert float(metrics['probe_loss']) == pytest.approx(np.log(10), rel=1e-6)
+  assert float(metrics['probe_train_acc']) == pytest.approx(np.mean(labels[labels >= 0] == 0))
+  # Unaugmented views: z is the projector's output for the normalised images, with
+  # the parameters before the update (the same model rebuilt from its seed).
+  model = models.create_model(config.model, 1, with_predictor=False, seed=0)
+  for x, y in zip(leaves(nnx.state(model, nnx.Param)), leaves(before.params)):
+    np.testing.assert_array_equal(x, y)
+  images = np.random.default_rng(0).integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8)
+  z = np.asarray(model((images / 255.0 - 0.286) / 0.353, train=True)['z'], np.float64)
+  assert float(metrics['embedding_std']) == pytest.approx(z.std(0).mean(), rel=1e-4)
+  unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+  assert float(metrics['embedding_std_normalized']) == pytest.approx(unit.std(0).mean(),
+                                                                     rel=1e-4)
