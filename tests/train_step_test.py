@@ -23,7 +23,7 @@ TOTAL_STEPS, BATCH = 10, 16
 
 
 def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
-             stats_shift=0.0, views=None, crop_on_device=True):
+             stats_shift=0.0, views=None, crop_on_device=True, probe_momentum=None):
   """(state before, state after, metrics, schedule) of one jitted step on a fixed batch.
 
   tx: the optimiser (default: the config's, LARS for VICReg). stats_shift is
@@ -37,7 +37,7 @@ def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
   # would leave the parameters where they were whatever `step` is.
   schedule = optim.make_schedule(config.optim, BATCH, TOTAL_STEPS, 0)
   tx = tx or optim.make_optimizer(config.optim, schedule)
-  probe_tx = optax.sgd(probe_lr)
+  probe_tx = optax.sgd(probe_lr, momentum=probe_momentum)
   graphdef, state = train_step_lib.create_train_state(
       model, tx, probe_tx, num_classes=10, seed=0, with_target=with_target)
   if with_target:
@@ -112,14 +112,15 @@ def test_the_probe_takes_one_softmax_regression_step_from_zero():
 
 
 def test_step_counter_rate_and_effective_rank_logging():
-  before, after, metrics, schedule, _ = one_step('vicreg', step=3, log_every=2)
-  assert int(after.step) == int(before.step) + 1 == 4
+  before, after, metrics, schedule, _ = one_step('vicreg', step=5, log_every=3)
+  assert int(after.step) == int(before.step) + 1 == 6
   np.testing.assert_array_equal(after.rng, before.rng)   # keys are fold_in(rng, step)
-  assert float(metrics['lr']) == pytest.approx(float(schedule(3)), rel=1e-6)
+  assert float(metrics['lr']) == pytest.approx(float(schedule(5)), rel=1e-6)
   assert float(metrics['lr']) > 0
-  assert 1.0 <= float(metrics['effective_rank']) <= BATCH    # (3 + 1) % 2 == 0: logged
-  _, _, unlogged, _, _ = one_step('vicreg', step=2, log_every=2)
-  assert float(unlogged['effective_rank']) == 0.0
+  assert 1.0 <= float(metrics['effective_rank']) <= BATCH    # (5 + 1) % 3 == 0: logged
+  for unlogged_step in (3, 4):                               # 4 % 3 and 5 % 3 are not 0
+    _, _, unlogged, _, _ = one_step('vicreg', step=unlogged_step, log_every=3)
+    assert float(unlogged['effective_rank']) == 0.0
 
 
 def test_logged_norms_are_those_of_the_gradient_update_and_new_parameters():
@@ -220,3 +221,21 @@ def test_logged_probe_and_embedding_statistics_are_those_of_the_first_view():
   unit = z / np.linalg.norm(z, axis=1, keepdims=True)
   assert float(metrics['embedding_std_normalized']) == pytest.approx(unit.std(0).mean(),
                                                                      rel=1e-4)
+
+
+def test_both_optimisers_keep_their_momentum_for_the_next_step():
+  # SGD with momentum from a zero trace: after one step the trace is the gradient,
+  # and the update is -lr times it; the same for the probe.
+  before, after, _, _, _ = one_step('vicreg', tx=optax.sgd(0.5, momentum=0.9),
+                                    probe_lr=0.25, probe_momentum=0.9)
+  traces = leaves(after.opt_state)
+  moves = [(b - a) / 0.5 for a, b in zip(leaves(after.params), leaves(before.params))]
+  assert len(traces) == len(moves)
+  for trace, gradient in zip(traces, moves):
+    np.testing.assert_allclose(trace, gradient, rtol=1e-4, atol=1e-6)
+  assert any(np.any(t) for t in traces)
+  probe_moves = [(b - a) / 0.25 for a, b in zip(leaves(after.probe_params),
+                                                 leaves(before.probe_params))]
+  for trace, gradient in zip(leaves(after.probe_opt_state), probe_moves):
+    np.testing.assert_allclose(trace, gradient, rtol=1e-4, atol=1e-6)
+  assert any(np.any(t) for t in leaves(after.probe_opt_state))
