@@ -62,16 +62,16 @@ def reference_lars(params, grads, *, lr, weight_decay, momentum, eta):
 
 def test_lars_matches_the_official_vicreg_update_and_excludes_biases():
   params, grads = params_and_grads()
-  config = optim_config()
+  config = optim_config(momentum=0.8)   # not optax's default 0.9: the config's is used
   tx = optim.make_optimizer(config, 0.5)   # a constant rate: 0.5
   got = run(tx, params, grads)
-  want = reference_lars(params, grads, lr=0.5, weight_decay=1e-2, momentum=0.9, eta=0.02)
+  want = reference_lars(params, grads, lr=0.5, weight_decay=1e-2, momentum=0.8, eta=0.02)
   for k in params:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
   # The bias moved by plain momentum SGD: -lr * (g1 (1 + m + m^2) + g2 (1 + m) + g3).
   g = [x['bias'] for x in grads]
   np.testing.assert_allclose(
-      got['bias'], params['bias'] - 0.5 * (g[0] * (1 + 0.9 + 0.81) + g[1] * 1.9 + g[2]),
+      got['bias'], params['bias'] - 0.5 * (g[0] * (1 + 0.8 + 0.64) + g[1] * 1.8 + g[2]),
       rtol=1e-5, atol=1e-6)
 
 
@@ -91,6 +91,17 @@ def test_sgd_decays_only_matrices():
       got['kernel'], params['kernel'] - 0.5 * (grads[0]['kernel'] + 0.1 * params['kernel']),
       rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(got['bias'], params['bias'] - 0.5 * grads[0]['bias'],
+                             rtol=1e-6, atol=1e-6)
+  # With the config's momentum (0.5): the bias after two steps, -lr (g1 (1 + m) + g2).
+  got = run(optim.make_optimizer(optim_config(name='sgd', momentum=0.5), 0.5), params,
+            grads[:2])
+  np.testing.assert_allclose(
+      got['bias'], params['bias'] - 0.5 * (1.5 * grads[0]['bias'] + grads[1]['bias']),
+      rtol=1e-5, atol=1e-6)
+  # No decay at all is a valid setting.
+  got = run(optim.make_optimizer(optim_config(name='sgd', momentum=0.0, weight_decay=0.0),
+                                 0.5), params, grads[:1])
+  np.testing.assert_allclose(got['kernel'], params['kernel'] - 0.5 * grads[0]['kernel'],
                              rtol=1e-6, atol=1e-6)
 
 
@@ -133,6 +144,14 @@ def test_a_warm_up_longer_than_the_run_still_reaches_the_peak():
   schedule = optim.make_schedule(optim_config(base_lr=0.256), 256, total_steps=5,
                                  warmup_steps=50)
   assert float(schedule(4)) == pytest.approx(0.256, rel=1e-5)
+  # ...and the decay spans the one step after it: the end value right after the run.
+  assert float(schedule(5)) == pytest.approx(0.0, abs=1e-7)
+  # A one-step run has no warm-up at all: its step trains at the peak.
+  one = optim.make_schedule(optim_config(base_lr=0.256), 256, total_steps=1, warmup_steps=10)
+  assert float(one(0)) == pytest.approx(0.256, rel=1e-5)
+  # Zero steps give a valid schedule (nothing reads it; runs.build refuses such a run).
+  zero = optim.make_schedule(optim_config(base_lr=0.256), 256, total_steps=0, warmup_steps=0)
+  assert float(zero(0)) == pytest.approx(0.256, rel=1e-5)
   assert float(schedule(2)) == pytest.approx(0.128, rel=1e-5)
 
 
