@@ -174,6 +174,15 @@ def test_linear_probe_and_knn_defaults_are_the_documented_protocol():
                                    ks=(200,), temperature=10.0))
 
 
+def test_knn_accuracy_is_the_share_of_test_points_classified_right():
+  train = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+  labels = np.array([0, 1])
+  queries = np.array([[2.0, 0.1], [0.1, 3.0], [1.0, 0.2], [0.3, 1.0]], np.float32)
+  # Nearest: 0, 1, 0, 1; labelled 0, 1, 1, 1: three of four right.
+  assert evaluate.knn_accuracy(train, labels, queries, np.array([0, 1, 1, 1]), num_classes=2,
+                               ks=(1,)) == {1: 0.75}
+
+
 def test_knn_clips_k_to_the_train_set_and_refuses_a_bad_temperature():
   train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]], np.float32)
   labels = np.array([0, 1, 1])
@@ -219,6 +228,14 @@ def test_cache_dir_from_the_environment_or_home(monkeypatch, tmp_path):
   monkeypatch.delenv('SSL_JAX_CACHE_DIR')
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
   assert evaluate.cache_dir() == str(tmp_path / 'home' / '.cache' / 'ssl_jax')
+
+
+def test_a_key_with_values_json_cannot_write_is_cached_by_their_text(tmp_path, monkeypatch):
+  monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path))
+  key = {'seed': np.int64(3), 'ks': (20, 200)}
+  first, path = evaluate.cached_baselines(key, lambda: {'x': 1.0})
+  assert path is not None
+  assert evaluate.cached_baselines(key, lambda: pytest.fail('recomputed')) == (first, path)
 
 
 def test_an_unwritable_cache_still_returns_the_baselines(tmp_path, monkeypatch):
@@ -326,11 +343,19 @@ def test_final_evaluation_of_an_untrained_model_is_its_random_init_baseline(
                                 'evaluation: baselines'}
   # The baselines were cached, and the next run reads them without computing.
   assert out['baselines_cache'].startswith(str(tmp_path / 'cache'))
+  assert out['baselines_cache'].endswith('.json')
   monkeypatch.setattr(evaluate, 'raw_pixels', lambda *a, **k: pytest.fail('recomputed'))
   again = evaluate.final_evaluation(config, run, run.state, mesh, feature_fn,
                                     figure_dir=str(tmp_path))
   assert again['baseline_raw_pixels'] == out['baseline_raw_pixels']
   assert not (tmp_path / 'embedding_map.png').exists()      # eval.embedding_map = False
+  # A config from before eval.embedding_map existed draws the map (the default).
+  old = config.copy_and_resolve_references()
+  del old.eval['embedding_map']
+  drawn = evaluate.final_evaluation(old, run, run.state, mesh, feature_fn,
+                                    figure_dir=str(tmp_path))
+  assert drawn['embedding_map'] == str(tmp_path / 'embedding_map.png')
+  assert (tmp_path / 'embedding_map.png').stat().st_size > 0
 
 
 def test_the_baseline_key_holds_what_the_baselines_depend_on_and_nothing_else():
