@@ -379,3 +379,13 @@ def test_two_views_take_the_second_view_from_view_b_when_given():
   small = augment.augment_batch(jnp.full((2, 8, 8, 1), 255, jnp.uint8), jax.random.key(1),
                                 IDENTITY, 4, crop=False)
   assert small.shape == (2, 4, 4, 1) and np.allclose(small, 1.0)
+
+
+def test_saturation_beyond_one_stays_in_the_unit_cube():
+  # A factor up to 2 pushes a pure colour's other channels below 0 before the clip:
+  # (0, 0.9, 0) has luma 0.53, and 0.53 + 2 (0 - 0.53) < 0.
+  colours = jnp.asarray([[[0.0, 0.9, 0.0], [0.9, 0.0, 0.1]], [[0.1, 0.1, 1.0], [1.0, 1.0, 0.0]]])
+  view = with_(brightness=0.0, contrast=0.0, saturation=1.0, hue=0.0)
+  keys = jax.random.split(jax.random.key(20), 200)
+  out = jax.vmap(lambda k: augment.color_jitter(colours, k, view))(keys)
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
