@@ -239,3 +239,17 @@ def test_both_optimisers_keep_their_momentum_for_the_next_step():
   for trace, gradient in zip(leaves(after.probe_opt_state), probe_moves):
     np.testing.assert_allclose(trace, gradient, rtol=1e-4, atol=1e-6)
   assert any(np.any(t) for t in leaves(after.probe_opt_state))
+
+
+def test_the_probe_loss_averages_over_the_labelled_images_only():
+  # A zero probe: every image's cross-entropy is log C and its prediction class 0.
+  probe = train_step_lib.init_probe(3, 4)
+  features = jnp.ones((5, 3))
+  labels = jnp.array([0, 1, 2, 0, 3])
+  loss, accuracy = train_step_lib.probe_loss(probe, features, labels)
+  assert (float(loss), float(accuracy)) == pytest.approx((np.log(4), 2 / 5))
+  one = jnp.array([False, False, False, True, False])          # a single labelled image
+  assert train_step_lib.probe_loss(probe, features, labels, one) == pytest.approx(
+      (np.log(4), 1.0))
+  none = jnp.zeros(5, bool)                                     # none: 0, not NaN
+  assert train_step_lib.probe_loss(probe, features, labels, none) == pytest.approx((0.0, 0.0))
