@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 
 from ssl_jax import estimators
 from ssl_jax import losses
+from whitening import whitened  # tests/whitening.py
 
 
 @pytest.fixture(autouse=True)
@@ -25,14 +26,6 @@ def float64():
 
 def normal(seed, shape, dtype=jnp.float64, scale=1.0):
   return scale * jax.random.normal(jax.random.key(seed), shape, dtype)
-
-
-def whitened(n, d, std, seed=0):
-  """[N, D] with zero mean and sample covariance (N-1 normaliser) std^2 I."""
-  x = np.random.default_rng(seed).normal(size=(n, d))
-  x -= x.mean(0)
-  q, _ = np.linalg.qr(x)               # orthonormal columns, each orthogonal to 1
-  return jnp.asarray(q * math.sqrt(n - 1) * std)
 
 
 # Single-view and two-view terms, as (name, fn(z_a, z_b) -> scalar).
@@ -58,7 +51,7 @@ TWO_VIEW = {
 
 @pytest.mark.parametrize('n,d', [(64, 8), (16, 32)])
 def test_whitened_data_has_zero_covariance_and_variance_hinge(n, d):
-  z = whitened(n, min(d, n - 1), std=1.5)
+  z = jnp.asarray(whitened(n, min(d, n - 1), std=1.5))
   assert float(losses.covariance(z)[0]) == pytest.approx(0.0, abs=1e-10)
   assert float(losses.variance(z, gamma=1.0)[0]) == 0.0
   # ... and the hinge is exactly gamma - sqrt(std^2 + eps) when std < gamma.
@@ -422,7 +415,7 @@ def test_gaussian_entropy_of_a_small_whitened_sample_uses_n_minus_1():
   """A whitened sample (N - 1 covariance std^2 I): D/2 log(2 pi e) + D log std exactly;
   with N instead of N - 1 it would be off by D/2 log(N / (N - 1)) = 0.13 nats here."""
   n, d, std = 12, 3, 2.5
-  h, _ = estimators.gaussian_entropy(whitened(n, d, std))
+  h, _ = estimators.gaussian_entropy(jnp.asarray(whitened(n, d, std)))
   assert float(h) == pytest.approx(d / 2 * math.log(2 * math.pi * math.e) + d * math.log(std),
                                    rel=1e-12)
 
@@ -551,7 +544,8 @@ def test_gaussian_entropy_of_two_points_ridge_and_the_singular_case():
   two = jnp.array([[0.0], [2.0]], jnp.float64)
   assert float(estimators.gaussian_entropy(two)[0]) == pytest.approx(
       0.5 * math.log(2 * math.pi * math.e * 2.0), rel=1e-12)
-  assert float(estimators.gaussian_entropy(whitened(8, 3, 1.0), eps=0.5)[0]) == pytest.approx(
+  h, _ = estimators.gaussian_entropy(jnp.asarray(whitened(8, 3)), eps=0.5)
+  assert float(h) == pytest.approx(
       1.5 * math.log(2 * math.pi * math.e) + 1.5 * math.log(1.5), rel=1e-12)
   with pytest.raises(ValueError, match='^gaussian_entropy needs N > D'):
     estimators.gaussian_entropy(normal(8, (3, 3)))   # N = D = 3

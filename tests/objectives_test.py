@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 
 from ssl_jax import objectives
 from ssl_jax import sharding
+from whitening import whitened  # tests/whitening.py
 
 N_DEVICES = 8
 KEYS = ('z_a', 'z_b', 'p_a', 'p_b', 't_a', 't_b')
@@ -270,11 +271,9 @@ def test_byol_pairs_each_prediction_with_the_other_views_target():
   assert set(metrics) == {'loss', 'byol'}    # the term's value once, under its name
 
 
-def whitened(n=8, d=3, seed=0):
+def whitened_biased(d, n=8):
   """[n, d] with zero column means and z^T z / n = I exactly (biased covariance)."""
-  x = np.random.default_rng(seed).normal(size=(n, d))
-  q, _ = np.linalg.qr(x - x.mean(0))
-  return q * np.sqrt(n)
+  return whitened(n, d, std=math.sqrt(n / (n - 1)))
 
 
 def test_a_barlow_term_given_only_its_weight_takes_lambda_scale_and_eps_of_its_docs():
@@ -282,7 +281,7 @@ def test_a_barlow_term_given_only_its_weight_takes_lambda_scale_and_eps_of_its_d
   # variance 1, + eps) the cross-correlation is R(theta) / (1 + eps), so the
   # loss is scale * (2 (1 - cos / (1 + eps))^2 + lambd * 2 sin^2 / (1 + eps)^2)
   # with the term's documented defaults lambd 0.0051, scale 0.1, eps 1e-5.
-  z_a = whitened(d=2)
+  z_a = whitened_biased(2)
   theta = 0.7
   rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
   out = {'z_a': jnp.asarray(z_a), 'z_b': jnp.asarray(z_a @ rot)}
@@ -298,7 +297,7 @@ def test_a_logdet_term_given_only_its_weight_is_the_per_view_beta_1_entropy_of_z
   # term averages the two; the concatenated batch would give D/2 log 3.5, 'n-1' or
   # beta 2 other values, and the sphere would not see the factor 2.
   d = 3
-  z_a = whitened(d=d)
+  z_a = whitened_biased(d)
   out = {'z_a': jnp.asarray(z_a), 'z_b': jnp.asarray(2 * z_a)}
   loss, metrics = objectives.build_objective({'logdet_entropy': {'weight': 1.0}})(out)
   expected = 0.5 * (d / 2 * np.log(2) + d / 2 * np.log(5))
