@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import evaluate
+from whitening import whitened  # tests/whitening.py
 
 
 def test_knn_votes_by_exp_similarity_over_temperature():
@@ -81,13 +82,6 @@ def test_baselines_are_computed_once_per_key_and_recomputed_when_it_changes(tmp_
 # ----------------------------------------------------------------------------
 # Closed forms and defaults.
 # ----------------------------------------------------------------------------
-
-def whitened(n, d, seed=0):
-  """[n, d] with zero column means and sample covariance (1 / (n - 1)) exactly I."""
-  x = np.random.default_rng(seed).normal(size=(n, d))
-  q, _ = np.linalg.qr(x - x.mean(0))
-  return q * math.sqrt(n - 1)
-
 
 def test_embedding_statistics_of_a_whitened_sample_in_closed_form():
   n, d = 300, 12
@@ -281,6 +275,11 @@ def first_examples(split, count):
   return batch['image'], batch['label']
 
 
+def normalised(images, spec):
+  """uint8 images [M, 28, 28, 1] -> (x / 255 - mean) / std, in float32."""
+  return (images.astype(np.float32) / 255 - np.float32(spec.mean)) / np.float32(spec.std)
+
+
 def test_features_are_the_encoder_on_normalised_images_with_labels_in_order(untrained):
   config, mesh, run, feature_fn = untrained
   from flax import nnx
@@ -290,7 +289,7 @@ def test_features_are_the_encoder_on_normalised_images_with_labels_in_order(untr
   images, expected_labels = first_examples('test', 32)
   np.testing.assert_array_equal(labels, expected_labels)
   model = nnx.merge(run.graphdef, run.state.params, run.state.batch_stats, copy=True)
-  x = (images.astype(np.float32) / 255 - np.float32(run.spec.mean)) / np.float32(run.spec.std)
+  x = normalised(images, run.spec)
   np.testing.assert_allclose(features, model.encoder(x, train=False), rtol=1e-4, atol=1e-5)
   # Raw pixels: the same images, flattened and normalised.
   pixels, pixel_labels = evaluate.raw_pixels(evaluate.eval_split(config, 'test', mesh), 2,
@@ -325,8 +324,7 @@ def test_final_evaluation_of_an_untrained_model_is_its_random_init_baseline(
   # Raw pixels: the probes on the first 48 train and test images' pixels.
   train_x, train_y = first_examples('train', 48)
   test_x, test_y = first_examples('test', 48)
-  flat = lambda im: ((im.astype(np.float32) / 255 - np.float32(run.spec.mean))
-                     / np.float32(run.spec.std)).reshape(len(im), -1)
+  flat = lambda im: normalised(im, run.spec).reshape(len(im), -1)
   expected = evaluate.evaluate_features((flat(train_x), train_y), (flat(test_x), test_y),
                                         num_classes=10, config=config.eval)
   assert {k: out['baseline_raw_pixels'][k] for k in keys} == pytest.approx(expected, abs=1e-6)
