@@ -22,6 +22,14 @@ from ssl_jax import train_step as train_step_lib
 TOTAL_STEPS, BATCH = 10, 16
 
 
+def fixed_batch(labels=None):
+  """The step tests' batch: BATCH random 28 x 28 uint8 images and their labels."""
+  rng = np.random.default_rng(0)
+  return {'image': rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8),
+          'label': (rng.integers(0, 10, BATCH) if labels is None else labels
+                    ).astype(np.int32)}
+
+
 def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
              stats_shift=0.0, views=None, crop_on_device=True, probe_momentum=None):
   """(state before, state after, metrics, schedule) of one jitted step on a fixed batch.
@@ -46,16 +54,12 @@ def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
                                                      state.target_params))
   state = state.replace(step=jnp.asarray(step, jnp.int32),
                         batch_stats=jax.tree.map(lambda x: x + stats_shift, state.batch_stats))
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8),
-           'label': (rng.integers(0, 10, BATCH) if labels is None else labels
-                     ).astype(np.int32)}
+  batch = fixed_batch(labels)
   step_fn = train_step_lib.make_train_step(
       graphdef=graphdef, objective=objectives.build_objective(config.loss.terms), tx=tx,
       probe_tx=probe_tx, views=views or augment.views_from_config('fashion_mnist'),
       image_size=28, mean=(0.286,), std=(0.353,), crop_on_device=crop_on_device,
-      schedule=schedule,
-      total_steps=TOTAL_STEPS, tau_base=config.byol.tau_base if with_target else None,
+      schedule=schedule, total_steps=TOTAL_STEPS, tau_base=config.byol.tau_base if with_target else None,
       log_every=log_every)
   before = jax.device_get(state)
   after, metrics = jax.jit(step_fn)(state, batch)
@@ -215,7 +219,7 @@ def test_logged_probe_and_embedding_statistics_are_those_of_the_first_view():
   model = models.create_model(config.model, 1, with_predictor=False, seed=0)
   for x, y in zip(leaves(nnx.state(model, nnx.Param)), leaves(before.params)):
     np.testing.assert_array_equal(x, y)
-  images = np.random.default_rng(0).integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8)
+  images = fixed_batch()['image']
   z = np.asarray(model((images / 255.0 - 0.286) / 0.353, train=True)['z'], np.float64)
   assert float(metrics['embedding_std']) == pytest.approx(z.std(0).mean(), rel=1e-4)
   unit = z / np.linalg.norm(z, axis=1, keepdims=True)
