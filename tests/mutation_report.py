@@ -28,8 +28,8 @@ KILLED, SURVIVED = {1, 3}, {0}
 TIMEOUT, NO_TESTS = {36, 24, -24, 152}, {5, 33}
 # mutmut's stats call 255 a timeout, but its fork server also reports 255 when the test
 # process ends with an uncaught error, e.g. a mutant that makes a test module fail to import
-# (tests/augment_test.py builds a ViewParams at import): listed apart, to check by hand with
-# `cd mutants && MUTANT_UNDER_TEST=NAME python -m pytest -x TEST_FILE`.
+# (tests/augment_test.py builds a ViewParams at import): listed apart; --recheck-crashed runs
+# their tests again.
 CRASHED = {255}
 
 
@@ -99,8 +99,12 @@ def tally(codes: dict[str, int | None], equivalent: dict[str, str]) -> collectio
   return count
 
 
+def non_equivalent_run(c: collections.Counter) -> int:
+  return c['mutants'] - c['not run'] - c['equivalent']
+
+
 def rate(c: collections.Counter) -> str:
-  denominator = c['mutants'] - c['not run'] - c['equivalent']
+  denominator = non_equivalent_run(c)
   return f"{100 * c['killed'] / denominator:.1f}%" if denominator else '-'
 
 
@@ -116,7 +120,7 @@ def wilson_interval(killed: int, total: int, z: float = 1.96) -> tuple[float, fl
 
 def sample_interval(c: collections.Counter) -> str:
   """The module's kill rate, if the mutants run are a uniform sample of it (mutation_sample.py)."""
-  denominator = c['mutants'] - c['not run'] - c['equivalent']
+  denominator = non_equivalent_run(c)
   if not c['not run'] or not denominator:
     return ''
   lo, hi = wilson_interval(c['killed'], denominator)
@@ -154,8 +158,9 @@ def main(argv=None) -> int:
           + f' | {rate(c)} | {sample_interval(c)} |')
   print('| **loss core** | ' + ' | '.join(str(core[k]) for k in columns)
         + f' | **{rate(core)}** | |')
-  print('\nkill rate = killed / (mutants - not run - equivalent); timeouts and mutants '
-        'no test covers count as not killed.\nWhere a module\'s mutants were not all run, the '
+  print('\nkill rate = killed / (mutants - not run - equivalent); timeouts, exit 255 (unless '
+        '--recheck-crashed finds their tests failing) and mutants no test covers count as not '
+        'killed.\nWhere a module\'s mutants were not all run, the '
         'interval (Wilson, 95%) is its kill rate\'s if those run are a uniform sample '
         '(tests/mutation_sample.py); mutmut\'s own order is not one.')
   if args.survivors:
