@@ -41,6 +41,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from typing import Any, Optional
 
@@ -386,8 +387,13 @@ def main(argv, f: Flags):
     experiment_report.aggregate(experiment, f.results.value, f.readme.value)
     print(f'experiments: wrote {os.path.join(f.results.value, experiment.name)}.md/.json/.png')
     return
-  run(experiment, f.root.value, f.results.value, grid.parse_shard(f.shard.value), f.parallel.value,
-      f.max_cells.value, f.readme.value)
+  try:
+    run(experiment, f.root.value, f.results.value, grid.parse_shard(f.shard.value),
+        f.parallel.value, f.max_cells.value, f.readme.value)
+  except workdir_lock.WorkdirLockedError as error:
+    # A second runner on a root: the message names the holder and the fix.
+    print(f'ssl_jax.experiments: error: {error}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -74,7 +74,7 @@ def _locked_error(workdir: str, holder: Optional[dict[str, Any]]) -> WorkdirLock
       f'The workdir {workdir} is in use: {_describe(holder)} is training there. Two '
       'trainers in one workdir would overwrite each other\'s checkpoints and metrics. Wait '
       'for it to finish (or stop it: SIGTERM saves a checkpoint), then run the same command '
-      'again to resume; or pass another --workdir.')
+      'again to resume; or pass another --workdir (for ssl_jax.experiments, another --root).')
 
 
 def _read_json(text: str) -> Optional[dict[str, Any]]:

@@ -163,7 +163,9 @@ def test_cells_die_with_a_killed_runner_and_a_restarted_runner_resumes_them(tmp_
   cell_pid = workdir_lock.holder(str(cell))['pid']
   # A second runner on the same root is refused while the first one runs.
   second = subprocess.run(runner_cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert second.returncode != 0 and 'is in use' in second.stdout + second.stderr
+  assert second.returncode == 1 and 'Traceback' not in second.stderr
+  assert 'ssl_jax.experiments: error: The workdir' in second.stderr
+  assert 'is in use' in second.stderr and 'another --root' in second.stderr
 
   runner.send_signal(signal.SIGKILL)
   runner.wait()
