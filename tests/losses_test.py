@@ -319,6 +319,11 @@ BAD_CALLS = [
     (lambda: estimators.logdet_entropy(jnp.ones((1, 3))), 'N >= 2'),
     (lambda: estimators.pairwise_entropy(jnp.ones((1, 3))), 'N >= 2'),
     (lambda: losses.variance(jnp.ones((4, 3), jnp.int32)), 'floating dtype'),
+    # The second view's own fault names the second view, not the first or None.
+    (lambda: losses.vicreg(jnp.ones((4, 3)), jnp.ones((4, 3), jnp.int32)),
+     '^z_b must have a floating dtype'),
+    (lambda: losses.byol_regression(jnp.ones((4, 3)), jnp.ones((4, 3, 1))),
+     '^t must have rank 2'),
     (lambda: losses.nt_xent(jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), jnp.int32)),
      'floating dtype'),
     (lambda: estimators.logdet_entropy(jnp.ones((4, 3)), beta=0.0), 'beta must be > 0'),
