@@ -602,3 +602,22 @@ def test_variance_of_one_feature_with_its_documented_defaults():
   loss, metrics = losses.variance(jnp.array([[0.0], [1.0]], jnp.float64))
   assert float(loss) == pytest.approx(1 - math.sqrt(0.5 + 1e-4), rel=1e-12)
   assert float(metrics['std_mean']) == pytest.approx(math.sqrt(0.5 + 1e-4), rel=1e-12)
+
+
+@pytest.mark.parametrize('scale', [1e-3, 1.0, 1e3])
+def test_effective_rank_of_a_small_spectrum_is_scale_free(scale):
+  """Roy & Vetterli (2007): exp(H(p)) with p = s / sum(s). Singular values
+  (0.3, 0.1, 0.1, 0) give p = (0.6, 0.2, 0.2, 0): exp(-(0.6 log 0.6 + 0.4 log 0.2))
+  whatever their scale, so a spectrum summing below 1 is normalised too, and a
+  zero singular value adds nothing."""
+  expected = math.exp(-(0.6 * math.log(0.6) + 0.4 * math.log(0.2)))
+  s = jnp.array([0.3, 0.1, 0.1, 0.0]) * scale
+  assert float(estimators.effective_rank_of_singular_values(s)) == pytest.approx(
+      expected, rel=1e-5)
+  # Rows +-(0.3, 0, 0), +-(0, 0.1, 0), +-(0, 0, 0.1) (times scale / sqrt 2) are
+  # centred with orthogonal columns of norms 0.3, 0.1, 0.1: the same singular values.
+  rows = np.zeros((6, 4), np.float32)
+  for i, value in enumerate((0.3, 0.1, 0.1)):
+    rows[2 * i, i], rows[2 * i + 1, i] = value, -value
+  z = jnp.asarray(rows * scale / math.sqrt(2))
+  assert float(estimators.effective_rank(z)) == pytest.approx(expected, rel=1e-4)
