@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from ssl_jax import augment
 from ssl_jax import models
@@ -31,16 +32,20 @@ def fixed_batch(labels=None):
 
 
 def one_step(method, *, labels=None, probe_lr=0.1, step=0, log_every=1, tx=None,
-             stats_shift=0.0, views=None, crop_on_device=True, probe_momentum=None):
+             stats_shift=0.0, views=None, crop_on_device=True, probe_momentum=None,
+             z_scale=1.0):
   """(state before, state after, metrics, schedule) of one jitted step on a fixed batch.
 
   tx: the optimiser (default: the config's, LARS for VICReg). stats_shift is
   added to every BatchNorm running statistic before the step; views default
-  to the Fashion-MNIST preset.
+  to the Fashion-MNIST preset. z_scale multiplies the projector's last layer
+  (so z itself, before the update).
   """
   config = importlib.import_module(f'configs.{method}').get_config('smoke')
   with_target = 'byol' in method
   model = models.create_model(config.model, 1, with_predictor=with_target, seed=0)
+  for param in nnx.state(model.projector.out, nnx.Param).values():
+    param.value = param.value * z_scale
   # No warm-up: the optimiser counts its own steps from 0, so a warm-up's rate 0
   # would leave the parameters where they were whatever `step` is.
   schedule = optim.make_schedule(config.optim, BATCH, TOTAL_STEPS, 0)
@@ -172,7 +177,6 @@ def test_the_initial_state(with_target):
 def test_batchnorm_trains_on_each_view_in_turn_and_ignores_its_running_averages():
   """Training-mode BatchNorm: the loss uses the batch's statistics, and the running
   averages move twice (view a, then view b), new = m^2 old + (terms of the batches)."""
-  from flax import nnx
   config = importlib.import_module('configs.vicreg').get_config('smoke')
   model = models.create_model(config.model, 1, with_predictor=False, seed=0)
   momenta = {m.momentum for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)}
@@ -205,7 +209,6 @@ def test_host_cropped_batches_are_not_cropped_again_on_device():
 
 
 def test_logged_probe_and_embedding_statistics_are_those_of_the_first_view():
-  from flax import nnx
   identity = augment.ViewParams(**augment.PRESETS['none'][0])
   labels = np.array([0, 3, 3, -1] * (BATCH // 4))
   before, _, metrics, _, config = one_step('vicreg', views=(identity, identity),
@@ -225,6 +228,19 @@ def test_logged_probe_and_embedding_statistics_are_those_of_the_first_view():
   unit = z / np.linalg.norm(z, axis=1, keepdims=True)
   assert float(metrics['embedding_std_normalized']) == pytest.approx(unit.std(0).mean(),
                                                                      rel=1e-4)
+
+
+def test_normalised_embedding_std_does_not_depend_on_the_scale_of_z():
+  # z / |z| is the same for z and 1e-3 z, whose norms are below 1: the logged std
+  # of the normalised embeddings stays, the raw std scales by 1e-3.
+  identity = augment.ViewParams(**augment.PRESETS['none'][0])
+  kwargs = dict(views=(identity, identity), crop_on_device=False)
+  _, _, unit, _, _ = one_step('vicreg', **kwargs)
+  _, _, small, _, _ = one_step('vicreg', z_scale=1e-3, **kwargs)
+  assert float(small['embedding_std']) == pytest.approx(1e-3 * float(unit['embedding_std']),
+                                                        rel=1e-4)
+  assert float(small['embedding_std_normalized']) == pytest.approx(
+      float(unit['embedding_std_normalized']), rel=1e-4)
 
 
 def test_both_optimisers_keep_their_momentum_for_the_next_step():
