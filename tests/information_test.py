@@ -154,3 +154,18 @@ def test_gaussian_entropy_estimator_uses_n_minus_1_on_a_small_exact_sample():
   h, _ = estimators.gaussian_entropy(jnp.asarray(x, jnp.float32))
   assert float(h) == pytest.approx(d / 2 * math.log(2 * math.pi * math.e) + d * math.log(std),
                                    rel=1e-5)
+
+
+@pytest.mark.parametrize('n, views, d', [(2048, 2, 64), (1024, 4, 128)])
+def test_pure_noise_eigenvalues_fill_wachters_interval(n, views, d):
+  """With no signal, S's eigenvalues follow Wachter's law (Bai & Silverstein 2010,
+  ch. 4): the smallest and largest sit at its edges, their mean at its mean. A
+  simulation, not the formula, is the reference; the noise's scale and offset do
+  not matter (the model whitens them)."""
+  z = np.random.default_rng(0).normal(size=(n, views, d)) * 3.0 + 5.0
+  fitted = information.fit_mixture(z)
+  eigenvalues, (low, high, null_mean) = fitted['eigenvalues'], fitted['edges']
+  assert eigenvalues.min() == pytest.approx(low, abs=0.03)
+  assert eigenvalues.max() == pytest.approx(high, abs=0.05)
+  assert eigenvalues.mean() == pytest.approx(null_mean, abs=0.005)
+  assert not fitted['kept'].any()   # nothing above the noise edge

@@ -621,3 +621,11 @@ def test_effective_rank_of_a_small_spectrum_is_scale_free(scale):
     rows[2 * i, i], rows[2 * i + 1, i] = value, -value
   z = jnp.asarray(rows * scale / math.sqrt(2))
   assert float(estimators.effective_rank(z)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_squared_distances_below_one_are_kept():
+  """Points (0, 0), (0.1, 0), (0, 0.2): squared distances 0.01, 0.04 and 0.05, by
+  hand; only rounding's negative values may be clipped, and the diagonal is 0."""
+  z = jnp.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.2]])
+  expected = np.array([[0.0, 0.01, 0.04], [0.01, 0.0, 0.05], [0.04, 0.05, 0.0]])
+  np.testing.assert_allclose(estimators.pairwise_sq_distances(z), expected, atol=1e-7)
