@@ -60,14 +60,6 @@ def test_chernoff_half_is_bhattacharyya_and_is_symmetric_in_alpha():
     estimators.pairwise_entropy(z, bound='chernoff', alpha=1.0)
 
 
-def test_conditional_entropy_bound_closed_form():
-  z_a = jnp.zeros((4, 3))
-  z_b = jnp.full((4, 3), 2.0)  # every squared difference is 4: s^2 = 4
-  bound, metrics = estimators.conditional_entropy_bound(z_a, z_b)
-  np.testing.assert_allclose(metrics['invariance'], 4.0)
-  np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 4.0), rtol=1e-6)
-
-
 @pytest.mark.parametrize('k', [1, 3, 10])
 def test_effective_rank_of_a_constructed_rank_k_matrix(k):
   rng = np.random.default_rng(k)

@@ -114,6 +114,8 @@ def test_views_with_less_variance_than_the_noise_contradict_the_model():
   out = information.information_quantities(z_a, z_b)
   check = out['model_check']
   assert check['contradicted'] and check['eigenvalues_below_noise'] >= 16
+  # The report shows how far below: the smallest eigenvalue of S, under the edge.
+  assert check['min_eigenvalue'] < check['lower_edge'] < 0
   clean = information.information_quantities(*views_of(*make_case(32, 8, 1.0, 'isotropic'),
                                                        2).transpose(1, 0, 2))
   assert not clean['model_check']['contradicted']
@@ -169,3 +171,17 @@ def test_pure_noise_eigenvalues_fill_wachters_interval(n, views, d):
   assert eigenvalues.max() == pytest.approx(high, abs=0.05)
   assert eigenvalues.mean() == pytest.approx(null_mean, abs=0.005)
   assert not fitted['kept'].any()   # nothing above the noise edge
+
+
+def test_infonce_of_a_gaussian_channel_reaches_its_closed_form():
+  """Z = mu + noise with mu ~ N(0, s I), unit noise: two views share
+  I(Z_a; Z_b) = -D/2 log(1 - (s / (s + 1))^2), 0.588 nats for D = 2, s = 2. With
+  the model's exact critic and 2,048 held-out pairs, InfoNCE is close to it (its
+  bound log(N / 2) is far above); the lower-bound checks above cannot see a wrong
+  critic, which only makes the bound weaker."""
+  n, d, s = 4096, 2, 2.0
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(n, 1, d)) * math.sqrt(s) + rng.normal(size=(n, 2, d))
+  exact = -0.5 * d * math.log(1 - (s / (s + 1)) ** 2)
+  out = information.mixture_information(z)
+  assert out['mi_infonce_lower'] == pytest.approx(exact, abs=0.05)

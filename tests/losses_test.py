@@ -629,3 +629,14 @@ def test_squared_distances_below_one_are_kept():
   z = jnp.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.2]])
   expected = np.array([[0.0, 0.01, 0.04], [0.01, 0.0, 0.05], [0.04, 0.05, 0.0]])
   np.testing.assert_allclose(estimators.pairwise_sq_distances(z), expected, atol=1e-7)
+
+
+def test_conditional_entropy_bound_closed_form():
+  """Views that differ by +-0.1 in every coordinate: s^2 = 0.01 whatever the
+  embeddings are, and the bound is D/2 log(2 pi e s^2) (docs/method.md, section 1)."""
+  z_a = jnp.arange(12.0).reshape(4, 3) * 0.5 - 2.0
+  signs = jnp.array([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, -1.0]])
+  bound, metrics = estimators.conditional_entropy_bound(z_a, z_a + 0.1 * signs)
+  np.testing.assert_allclose(metrics['invariance'], 0.01, rtol=1e-5)
+  np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 0.01), rtol=1e-5)
+  np.testing.assert_allclose(metrics['conditional_entropy'], bound)
