@@ -185,3 +185,17 @@ def test_infonce_of_a_gaussian_channel_reaches_its_closed_form():
   exact = -0.5 * d * math.log(1 - (s / (s + 1)) ** 2)
   out = information.mixture_information(z)
   assert out['mi_infonce_lower'] == pytest.approx(exact, abs=0.05)
+
+
+def test_views_stacked_or_apart_and_float32_give_the_float64_answer():
+  """[N, V, D] alone equals the views passed apart; float32 embeddings (what training
+  produces) are analysed in float64, so they give exactly what their float64 copy
+  gives."""
+  mu, sigma = make_case(8, 8, 1.0, 'anisotropic')
+  z = views_of(mu, sigma, 3).astype(np.float32)
+  apart = information.information_quantities(z[:, 0], z[:, 1], more_views=[z[:, 2]])
+  stacked = information.information_quantities(z)
+  wide = information.information_quantities(*(z[:, v].astype(np.float64) for v in range(2)),
+                                            more_views=[z[:, 2].astype(np.float64)])
+  for key in (*information.MI_KEYS, 'conditional_entropy', 'invariance', 'entropy_gaussian'):
+    assert stacked[key] == apart[key] == wide[key], key
