@@ -125,6 +125,12 @@ def test_too_few_images_for_the_dimension_gives_no_estimate_and_says_why():
   z = np.random.default_rng(0).normal(size=(20, 2, 64))
   out = information.information_quantities(z[:, 0], z[:, 1])
   assert math.isnan(out['mi_estimate']) and 'more images or views' in out['mi_unavailable']
+  # The same keys as an estimate (reports and tables read them), NaN where unknown.
+  estimated = information.information_quantities(
+      *views_of(*make_case(8, 8, 1.0, 'isotropic'), 2).transpose(1, 0, 2))
+  assert set(estimated) <= set(out)
+  for key in ('bulk_signal', 'noise_edge', 'noise_free_dims', 'conditional_entropy'):
+    assert math.isnan(out[key]), key
 
 
 # ---- Entropy of Z where a closed form exists: Gaussian samples.
@@ -199,3 +205,8 @@ def test_views_stacked_or_apart_and_float32_give_the_float64_answer():
                                             more_views=[z[:, 2].astype(np.float64)])
   for key in (*information.MI_KEYS, 'conditional_entropy', 'invariance', 'entropy_gaussian'):
     assert stacked[key] == apart[key] == wide[key], key
+  # The paper's isotropic bound D/2 log(2 pi e s^2), s^2 the mean squared difference of
+  # the first two views.
+  s2 = np.mean(np.square(z[:, 0].astype(np.float64) - z[:, 1]))
+  assert stacked['conditional_entropy_paper'] == pytest.approx(
+      4 * math.log(2 * math.pi * math.e * s2), rel=1e-5)

@@ -305,7 +305,7 @@ def information_quantities(z_a: np.ndarray, z_b: Optional[np.ndarray] = None, *,
   except ValueError as error:   # too few images or views for this dimension
     out.update({k: math.nan for k in MI_KEYS}, log_num_images=math.log(n),
                noise_entropy=math.nan, signal_directions=0, bulk_signal=math.nan,
-               noise_edge=math.nan, mi_unavailable=str(error),
+               noise_edge=math.nan, noise_free_dims=math.nan, mi_unavailable=str(error),
                model_check={'contradicted': None, 'eigenvalues_below_noise': None,
                             'share_below_noise': None, 'reason': str(error)})
   out['invariance'] = float(np.mean(np.square(stacked[:, 0] - stacked[:, 1])))
