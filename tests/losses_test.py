@@ -640,3 +640,13 @@ def test_conditional_entropy_bound_closed_form():
   np.testing.assert_allclose(metrics['invariance'], 0.01, rtol=1e-5)
   np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 0.01), rtol=1e-5)
   np.testing.assert_allclose(metrics['conditional_entropy'], bound)
+
+
+@pytest.mark.parametrize('beta', [0.5, 2.0])
+def test_logdet_as_differential_entropy_is_the_entropy_of_the_smoothed_gaussian(beta):
+  """C = I in D = 3: 0.5 log det(I + beta C) = 3/2 log(1 + beta), and it stands for
+  the entropy of N(0, C + I / beta), 3/2 log(2 pi e (1 + 1 / beta)) nats."""
+  logdet = 1.5 * math.log(1 + beta)
+  expected = 1.5 * math.log(2 * math.pi * math.e * (1 + 1 / beta))
+  assert float(estimators.logdet_as_differential_entropy(logdet, 3, beta)) == pytest.approx(
+      expected, rel=1e-12)
