@@ -306,7 +306,14 @@ def test_entropy_is_rotation_invariant(fn):
 
 # ----------------------------------------------------------------- bad inputs
 
+class _ShapeOnly:
+  """Has a shape and no dtype (not an array): refused as not an array."""
+  shape = (4, 3)
+
+
 BAD_CALLS = [
+    (lambda: losses.variance(_ShapeOnly()), '^z must be an array of shape'),
+    (lambda: losses.variance([[1.0, 2.0], [3.0, 4.0]]), '^z must be an array of shape'),
     (lambda: losses.variance(jnp.ones((4, 3, 2))), '^z must have rank 2'),
     (lambda: losses.covariance(jnp.ones((4,))), 'rank 2'),
     (lambda: losses.invariance(jnp.ones((4, 3)), jnp.ones((4, 2))),
