@@ -647,6 +647,12 @@ def test_conditional_entropy_bound_closed_form():
   np.testing.assert_allclose(metrics['invariance'], 0.01, rtol=1e-5)
   np.testing.assert_allclose(bound, 1.5 * math.log(2 * math.pi * math.e * 0.01), rtol=1e-5)
   np.testing.assert_allclose(metrics['conditional_entropy'], bound)
+  # Two images are enough (the bound needs no batch statistic beyond the mean), one is not.
+  two = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+  np.testing.assert_allclose(estimators.conditional_entropy_bound(two, two + 0.1)[0],
+                             math.log(2 * math.pi * math.e * 0.01), rtol=1e-5)
+  with pytest.raises(ValueError, match='^z has N=1 rows'):
+    estimators.conditional_entropy_bound(two[:1], two[:1])
 
 
 @pytest.mark.parametrize('beta', [0.5, 2.0])
