@@ -22,8 +22,10 @@ its full config saved there. A finished cell writes a small result file
 results/<experiment>/<cell>.json (committed to git): a cell with a result
 file is done, so the grid survives a move to a machine where ROOT is gone.
 An interrupted cell resumes from its checkpoint when the command is run
-again. `--shard=i/k` runs every k-th cell, so machines can split the grid;
-final cells of a method wait until all of its tuning results exist.
+again. `--shard=i/k` runs every k-th cell, so machines can split the grid
+(a root holds one runner's lock, so each shard needs its own --root; what
+shards share is the committed result files); final cells of a method wait
+until all of its tuning results exist.
 
 Cells and result files are ssl_jax/grid.py; the report (after every cell,
 or alone with --aggregate_only) is ssl_jax/experiment_report.py: it reads
