@@ -5,7 +5,8 @@
 their parts:
 
 - `extract_features`: the encoder's pooled features of a whole split, with
-  BatchNorm in inference mode, gathered from every process.
+  BatchNorm in inference mode, gathered from every process; `extract_split`
+  the same for several encoders and the raw pixels in one pass.
 - `linear_probe`: multinomial logistic regression on standardised frozen
   features (Adam, cosine schedule), accuracy on the test features.
 - `knn_accuracy`: weighted kNN with cosine similarity and exp(sim / T)
@@ -50,33 +51,46 @@ def make_feature_fn(graphdef, image_size: int, mean, std) -> Callable:
 def extract_features(feature_fn: Callable, params, batch_stats, dataset, mesh,
                      max_batches: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs feature_fn over an eval_dataset; returns (features [M, F], labels [M])."""
-  feats, labels = [], []
+  (features,), labels, _ = extract_split(feature_fn, [(params, batch_stats)], dataset, mesh,
+                                         max_batches)
+  return features, labels
+
+
+def extract_split(feature_fn: Callable, weights: Sequence[tuple[Any, Any]], dataset, mesh,
+                  max_batches: Optional[int] = None, pixels: Optional[tuple] = None
+                  ) -> tuple[list[np.ndarray], np.ndarray, Optional[np.ndarray]]:
+  """One pass over an eval_dataset for several encoders and, optionally, the raw pixels.
+
+  weights: (params, batch_stats) pairs of one architecture (feature_fn's).
+  pixels: (mean, std) to also return the flattened normalised pixels
+  (x / 255 - mean) / std [M, H * W * C], the linear-probe floor; None skips them.
+  Returns ([features [M, F] per pair], labels [M], pixels or None), gathered
+  from every process. One pass rather than one per encoder: the final
+  evaluation's baselines (random-init encoder, raw pixels) share the trained
+  encoder's decoding of the split instead of decoding it twice more.
+  """
+  feats, labels, flat = [[] for _ in weights], [], []
   for i, batch in enumerate(input_pipeline.DeviceIterator(dataset, mesh)):
     if max_batches is not None and i >= max_batches:
       break
-    f = feature_fn(params, batch_stats, batch['image'])
-    f, y, m = (multihost_utils.process_allgather(a, tiled=True)
-               for a in (f, batch['label'], batch['mask']))
+    outputs = [feature_fn(params, batch_stats, batch['image']) for params, batch_stats in weights]
+    gathered = [batch['label'], batch['mask']] + outputs + ([batch['image']] if pixels else [])
+    y, m, *rest = (multihost_utils.process_allgather(a, tiled=True) for a in gathered)
     m = np.asarray(m, bool)
-    feats.append(np.asarray(f)[m])
     labels.append(np.asarray(y)[m])
-  return np.concatenate(feats), np.concatenate(labels)
+    for out, f in zip(feats, rest):
+      out.append(np.asarray(f)[m])
+    if pixels:
+      flat.append(normalised_pixels(np.asarray(rest[-1])[m], *pixels))
+  return ([np.concatenate(f) for f in feats], np.concatenate(labels),
+          np.concatenate(flat) if pixels else None)
 
 
-def raw_pixels(dataset, max_batches: Optional[int] = None, mean=None, std=None
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """Flattened normalised pixels of an eval_dataset: the linear-probe floor."""
-  xs, ys = [], []
-  for i, batch in enumerate(dataset.as_numpy_iterator()):
-    if max_batches is not None and i >= max_batches:
-      break
-    m = batch['mask'].astype(bool)
-    x = batch['image'][m].astype(np.float32) / 255.0
-    if mean is not None:
-      x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    xs.append(x.reshape(x.shape[0], -1))
-    ys.append(batch['label'][m])
-  return np.concatenate(xs), np.concatenate(ys)
+def normalised_pixels(images: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 images [M, H, W, C] -> (x / 255 - mean) / std flattened [M, H * W * C], float32."""
+  x = images.astype(np.float32) / 255.0
+  x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return x.reshape(x.shape[0], -1)
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -313,11 +327,25 @@ def cached_baselines(key: dict[str, Any], compute: Callable[[], dict[str, Any]]
   others read them. A run of several processes computes them (every process
   must take part in the feature extraction) and does not cache.
   """
-  if jax.process_count() > 1:
-    return compute(), None
+  cached, path = read_cached_baselines(key)
+  if cached is not None:
+    return cached, path
+  result = compute()
+  return result, write_cached_baselines(key, result)
+
+
+def _baselines_path(key: dict[str, Any]) -> tuple[str, str]:
   text = json.dumps(key, sort_keys=True, default=str)
-  path = os.path.join(cache_dir(), 'baselines',
-                      hashlib.sha256(text.encode()).hexdigest()[:20] + '.json')
+  return text, os.path.join(cache_dir(), 'baselines',
+                            hashlib.sha256(text.encode()).hexdigest()[:20] + '.json')
+
+
+def read_cached_baselines(key: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+  """(the cached baselines of `key`, their path), or (None, None): absent, unreadable,
+  another key, or a run of several processes (which never caches)."""
+  if jax.process_count() > 1:
+    return None, None
+  text, path = _baselines_path(key)
   try:
     with open(path) as f:
       cached = json.load(f)
@@ -325,15 +353,22 @@ def cached_baselines(key: dict[str, Any], compute: Callable[[], dict[str, Any]]
       return cached['baselines'], path
   except (OSError, ValueError, KeyError):
     pass   # absent or unreadable: compute it again
-  result = compute()
+  return None, None
+
+
+def write_cached_baselines(key: dict[str, Any], result: dict[str, Any]) -> Optional[str]:
+  """Caches `result` under `key` (atomically); its path, or None where it cannot."""
+  if jax.process_count() > 1:
+    return None
+  text, path = _baselines_path(key)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + f'.tmp{os.getpid()}', 'w') as f:
       json.dump({'key': json.loads(text), 'baselines': result}, f, indent=1)
     os.replace(path + f'.tmp{os.getpid()}', path)
   except OSError:
-    return result, None   # a read-only home: the run still has its numbers
-  return result, path
+    return None   # a read-only home: the run still has its numbers
+  return path
 
 
 def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
@@ -341,7 +376,9 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
   """Online probe, linear probe and kNN on the test split, and the baselines.
 
   run is the runs.Run the state was trained with (dataset spec, model config).
-  timer (a metrics.Stopwatch) receives the seconds of each part. With
+  timer (a metrics.Stopwatch) receives the seconds of each part; where the
+  baselines are not cached, 'evaluation: features' includes extracting theirs
+  (one pass for all), and 'evaluation: baselines' is their probes. With
   figure_dir (and eval.embedding_map), process 0 draws embedding_map.png there.
   """
   import contextlib
@@ -350,13 +387,6 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
   max_train = num_batches(ev.max_train_examples, ev.batch_size)
   max_test = num_batches(ev.max_test_examples, ev.batch_size)
   section = timer.section if timer is not None else (lambda name: contextlib.nullcontext())
-
-  def features_of(params, batch_stats):
-    train = extract_features(feature_fn, params, batch_stats,
-                             eval_split(config, spec.train_split, mesh), mesh, max_train)
-    test = extract_features(feature_fn, params, batch_stats,
-                            eval_split(config, spec.test_split, mesh), mesh, max_test)
-    return train, test
 
   def probes(train, test, timed=True):
     out = {}
@@ -372,9 +402,30 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
         out[f'knn{k}_test_acc'] = acc
     return out
 
-  print('ssl_jax: evaluating frozen features (linear probe, kNN)...', flush=True)
+  # The baselines (same architecture at initialisation, and raw pixels: what SSL
+  # must beat) come from the cache, or from the same pass over each split as the
+  # trained encoder's features.
+  key = baseline_key(config, run) if ev.baselines else None
+  cached, cache_path = read_cached_baselines(key) if ev.baselines else (None, None)
+  compute_baselines = ev.baselines and cached is None
+  weights = [(state.params, state.batch_stats)]
+  if compute_baselines:
+    # Rebuilt from the seed: run.state's buffers were donated to the first step.
+    random_model = models.create_model(config.model, spec.channels,
+                                       with_predictor=run.with_predictor, seed=config.seed)
+    _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
+    weights.append((r_params, r_stats))
+  pixels = (spec.mean, spec.std) if compute_baselines else None
+
+  print('ssl_jax: evaluating frozen features (linear probe, kNN'
+        + (', baselines' if compute_baselines else '') + ')...', flush=True)
+  # On a run that computes the baselines, this pass also extracts theirs.
   with section('evaluation: features'):
-    train, test = features_of(state.params, state.batch_stats)
+    train_feats, train_y, train_px = extract_split(
+        feature_fn, weights, eval_split(config, spec.train_split, mesh), mesh, max_train, pixels)
+    test_feats, test_y, test_px = extract_split(
+        feature_fn, weights, eval_split(config, spec.test_split, mesh), mesh, max_test, pixels)
+  train, test = (train_feats[0], train_y), (test_feats[0], test_y)
   out = {'eval': probes(train, test)}
   out['eval']['online_probe_test_acc'] = probe_accuracy(state.probe_params, *test)
   # Counted after the gather from every process: the whole split, not one host's shard.
@@ -388,23 +439,14 @@ def final_evaluation(config, run, state, mesh, feature_fn, timer=None,
           test[0], test[1], os.path.join(figure_dir, 'embedding_map.png'),
           title=f'{config.method} on {config.data.name}')
   if ev.baselines:
-    def baselines():
-      # Same architecture at initialisation, and raw pixels: what SSL must beat.
-      # (The model is rebuilt from the seed: run.state's buffers were donated to
-      # the first training step.)
-      random_model = models.create_model(config.model, spec.channels,
-                                         with_predictor=run.with_predictor, seed=config.seed)
-      _, r_params, r_stats = nnx.split(random_model, nnx.Param, nnx.BatchStat)
-      p_train = raw_pixels(eval_split(config, spec.train_split, mesh), max_train,
-                           spec.mean, spec.std)
-      p_test = raw_pixels(eval_split(config, spec.test_split, mesh), max_test,
-                          spec.mean, spec.std)
-      return {'baseline_random_init': probes(*features_of(r_params, r_stats), timed=False),
-              'baseline_raw_pixels': probes(p_train, p_test, timed=False)}
-
     with section('evaluation: baselines'):
-      result, path = cached_baselines(baseline_key(config, run), baselines)
-    out.update(result)
-    out['baselines_cache'] = path
+      if compute_baselines:
+        cached = {'baseline_random_init': probes((train_feats[1], train_y),
+                                                 (test_feats[1], test_y), timed=False),
+                  'baseline_raw_pixels': probes((train_px, train_y), (test_px, test_y),
+                                                timed=False)}
+        cache_path = write_cached_baselines(key, cached)
+    out.update(cached)
+    out['baselines_cache'] = cache_path
   out['eval_time_sec'] = time.time() - t0
   return out

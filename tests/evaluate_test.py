@@ -282,6 +282,7 @@ def normalised(images, spec):
 
 def test_features_are_the_encoder_on_normalised_images_with_labels_in_order(untrained):
   config, mesh, run, feature_fn = untrained
+  import jax
   from flax import nnx
   features, labels = evaluate.extract_features(
       feature_fn, run.state.params, run.state.batch_stats,
@@ -291,13 +292,19 @@ def test_features_are_the_encoder_on_normalised_images_with_labels_in_order(untr
   model = nnx.merge(run.graphdef, run.state.params, run.state.batch_stats, copy=True)
   x = normalised(images, run.spec)
   np.testing.assert_allclose(features, model.encoder(x, train=False), rtol=1e-4, atol=1e-5)
+  # One pass for several encoders and the raw pixels: the same features, labels and pixels.
+  zeros = jax.tree.map(np.zeros_like, run.state.params)
+  (same, of_zeros), pass_labels, pixels = evaluate.extract_split(
+      feature_fn, [(run.state.params, run.state.batch_stats), (zeros, run.state.batch_stats)],
+      evaluate.eval_split(config, 'test', mesh), mesh, 2, (run.spec.mean, run.spec.std))
+  np.testing.assert_array_equal(same, features)
+  np.testing.assert_array_equal(pass_labels, expected_labels)
+  zero_model = nnx.merge(run.graphdef, zeros, run.state.batch_stats, copy=True)
+  np.testing.assert_allclose(of_zeros, zero_model.encoder(x, train=False), rtol=1e-4, atol=1e-5)
   # Raw pixels: the same images, flattened and normalised.
-  pixels, pixel_labels = evaluate.raw_pixels(evaluate.eval_split(config, 'test', mesh), 2,
-                                             run.spec.mean, run.spec.std)
   np.testing.assert_allclose(pixels, x.reshape(32, -1), rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(pixel_labels, expected_labels)
-  unnormalised, _ = evaluate.raw_pixels(evaluate.eval_split(config, 'test', mesh), 1)
-  np.testing.assert_allclose(unnormalised, images[:16].reshape(16, -1) / 255, rtol=1e-6)
+  assert evaluate.extract_split(feature_fn, [], evaluate.eval_split(config, 'test', mesh), mesh,
+                                1)[2] is None
 
 
 def test_the_online_probe_check_reads_the_configured_part_of_the_test_split(untrained):
@@ -342,10 +349,21 @@ def test_final_evaluation_of_an_untrained_model_is_its_random_init_baseline(
   # The baselines were cached, and the next run reads them without computing.
   assert out['baselines_cache'].startswith(str(tmp_path / 'cache'))
   assert out['baselines_cache'].endswith('.json')
-  monkeypatch.setattr(evaluate, 'raw_pixels', lambda *a, **k: pytest.fail('recomputed'))
+  monkeypatch.setattr(evaluate, 'normalised_pixels', lambda *a, **k: pytest.fail('recomputed'))
+  probes, encoders = [], []
+  linear_probe, extract_split = evaluate.linear_probe, evaluate.extract_split
+  monkeypatch.setattr(evaluate, 'linear_probe',
+                      lambda *a, **k: probes.append(1) or linear_probe(*a, **k))
+  monkeypatch.setattr(evaluate, 'extract_split',
+                      lambda fn, weights, *a: encoders.append(len(weights))
+                      or extract_split(fn, weights, *a))
   again = evaluate.final_evaluation(config, run, run.state, mesh, feature_fn,
                                     figure_dir=str(tmp_path))
   assert again['baseline_raw_pixels'] == out['baseline_raw_pixels']
+  assert again['baseline_random_init'] == out['baseline_random_init']
+  # Only the trained encoder: one probe, and one encoder in each split's pass.
+  assert probes == [1] and encoders == [1, 1]
+  assert again['eval'] == out['eval']
   assert not (tmp_path / 'embedding_map.png').exists()      # eval.embedding_map = False
   # A config from before eval.embedding_map existed draws the map (the default).
   old = config.copy_and_resolve_references()

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (25.658598 against 25.658596; cause not found). Its values are checked
 # against lax.conv and across 8 devices in tests/conv_test.py.
 ARGS = ['--config=configs/vicreg.py:smoke', '--config.total_steps=6',
-        '--config.ckpt_every_steps=2', '--config.eval.baselines=false',
+        '--config.ckpt_every_steps=2', '--config.eval.baselines=true',
         '--config.diagnostics.every_steps=0', '--config.model.conv_route=im2col']
 
 
@@ -84,7 +84,8 @@ def test_a_process_alone_fails_in_bounded_time_naming_the_coordinator():
   assert time.time() - began < 200
 
 
-def test_two_processes_train_resume_after_sigkill_and_match_one_process(tmp_path):
+def test_two_processes_train_resume_after_sigkill_and_match_one_process(tmp_path, monkeypatch):
+  monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path / 'cache'))   # the one-process run caches
   workdir = str(tmp_path / 'two_hosts')
   port = free_port()
   procs = [start(workdir, i, port) for i in range(2)]
@@ -134,6 +135,31 @@ def test_two_processes_train_resume_after_sigkill_and_match_one_process(tmp_path
   assert first_two['l2_grads'] == pytest.approx(first_one['l2_grads'], rel=1e-6)
   for a, b in zip(params(single), params(workdir)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=5e-4)
+  # The raw-pixel baseline saw every host's images: the probes on both processes' first
+  # examples, gathered batch by batch (each process reads its half of the split).
+  import ml_collections
+  from ssl_jax import evaluate, input_pipeline
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  spec = input_pipeline.get_spec('fashion_mnist')
+  train, test = (gathered_pixels(split, count, config.eval.batch_size // 2, spec)
+                 for split, count in (('train', 64), ('test', 32)))
+  expected = evaluate.evaluate_features(train, test, num_classes=10, config=config.eval)
+  assert summary['baseline_raw_pixels'] == pytest.approx(expected, abs=1e-6)
+
+
+def gathered_pixels(split, count, local_batch, spec):
+  """(normalised pixels, labels) of the first count // 2 examples of each process's half of
+  split, in the order process_allgather gives them: batch 1 of process 0, then of 1, ..."""
+  import tensorflow_datasets as tfds
+  from ssl_jax import evaluate, input_pipeline
+  halves = [next(input_pipeline.load_split('fashion_mnist', part).batch(count // 2)
+                 .as_numpy_iterator()) for part in tfds.even_splits(split, 2)]
+  order = [{k: v[start:start + local_batch] for k, v in half.items()}
+           for start in range(0, count // 2, local_batch) for half in halves]
+  images = np.concatenate([h['image'] for h in order])
+  labels = np.concatenate([h['label'] for h in order])
+  return evaluate.normalised_pixels(images, spec.mean, spec.std), labels
 
 
 def test_slurm_environment_starts_the_distributed_runtime():
