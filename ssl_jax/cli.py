@@ -20,7 +20,7 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 
@@ -161,6 +161,16 @@ def _last_line(error: BaseException) -> str:
   return ' '.join(lines)[:500]
 
 
+def exit_with_error(program: str, message: Any, status: int = 1) -> NoReturn:
+  """Ends the command: one line `PROGRAM: error: MESSAGE` on stderr, exit `status`.
+
+  Every command-line entry point reports a bad input this way (a bad flag
+  exits 2, like absl; a missing dataset or a held workdir 1), never a traceback.
+  """
+  print(f'{program}: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
                 ) -> list[str]:
   """absl parser for app.run: a bad flag is one line on stderr and exit status 2."""
@@ -168,9 +178,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     return flag_values(list(argv))
   except Exception as error:  # pylint: disable=broad-except
     spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-    program = spec.name if spec is not None else 'ssl_jax'
-    print(f'{program}: error: {one_line(error, argv)}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_with_error(spec.name if spec is not None else 'ssl_jax', one_line(error, argv), 2)
 
 
 def parse_command(define_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str]) -> Any:

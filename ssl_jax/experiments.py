@@ -43,7 +43,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from typing import Any, Optional
 
@@ -394,8 +393,7 @@ def main(argv, f: Flags):
         f.parallel.value, f.max_cells.value, f.readme.value)
   except workdir_lock.WorkdirLockedError as error:
     # A second runner on a root: the message names the holder and the fix.
-    print(f'ssl_jax.experiments: error: {error}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    cli.exit_with_error('ssl_jax.experiments', error)
 
 
 if __name__ == '__main__':

@@ -200,8 +200,7 @@ def main(argv, f: Flags):
     try:
       dry_run(f)
     except (FileNotFoundError, ValueError) as error:   # a missing dataset, a bad value
-      print(f'ssl_jax.main: error: {error}', file=sys.stderr, flush=True)
-      sys.exit(1)
+      cli.exit_with_error('ssl_jax.main', error)
     return
   config = f.config.value
   if config is None:
@@ -232,8 +231,7 @@ def main(argv, f: Flags):
         raise DataError(error) from None
       train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
   except (workdir_lock.WorkdirLockedError, DataError) as error:
-    print(f'ssl_jax.main: error: {error}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    cli.exit_with_error('ssl_jax.main', error)
 
 
 class DataError(Exception):

@@ -155,3 +155,13 @@ def test_a_dataset_that_is_not_prepared_is_one_line_and_the_workdir_stays_empty(
   assert 'Traceback' not in done.stderr
   # Nothing but the lock file: no config.json, checkpoints or events of a run that never ran.
   assert sorted(p.name for p in workdir.iterdir()) == ['.lock']
+
+
+def test_a_command_ends_on_bad_input_with_one_line_and_the_status_asked(capsys):
+  with pytest.raises(SystemExit) as stopped:
+    cli.exit_with_error('ssl_jax.main', FileNotFoundError('no dataset in /data'))
+  assert stopped.value.code == 1
+  assert capsys.readouterr().err == 'ssl_jax.main: error: no dataset in /data\n'
+  with pytest.raises(SystemExit) as stopped:
+    cli.exit_with_error('ssl_jax.experiments', 'bad flag', 2)
+  assert stopped.value.code == 2
