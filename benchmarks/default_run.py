@@ -2,6 +2,7 @@
 
   python benchmarks/default_run.py --contenders f2efaf6,HEAD --rounds 2
   python benchmarks/default_run.py --contenders 'HEAD,HEAD:--config.eval.online_every_steps=0'
+  python benchmarks/default_run.py --contenders f210957,HEAD --rounds 3 --evaluation_only
 
 Each contender is a git revision of this repository, optionally followed by
 ':' and extra command-line flags (';'-separated). Every revision is checked
@@ -15,6 +16,11 @@ imports included), with the float32 matmul rate measured right before it.
 Caches start empty in every run (a fresh JAX compilation cache and baseline
 cache), as on a new machine; --warm keeps one cache per contender across its
 rounds instead, which times a second run or a resume.
+
+--evaluation_only times the final evaluation alone, with less noise than a
+whole run: each contender pretrains once (under --root, kept for later
+calls), then every round re-evaluates that run (`--reevaluate`) with empty
+caches, so the baselines are computed as on a first run.
 
 The breakdown comes from the run's summary.json ('time_breakdown_sec', written
 since this benchmark exists): start-up (imports, building, dataset), the first
@@ -92,12 +98,34 @@ def run_once(path, flags, workdir, caches):
           'steps': summary['steps']}
 
 
+def pretrained_run(entry, root):
+  """The workdir of one finished default run of the contender, pretrained here if absent."""
+  workdir = os.path.abspath(os.path.join(root, f'{entry["commit"][:10]}_pretrained'))
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      if json.load(f).get('status') == 'completed':
+        return workdir
+  except (OSError, ValueError):
+    pass
+  print(f'pretraining {entry["commit"][:10]} once for --evaluation_only', flush=True)
+  caches = os.path.join(root, 'caches', entry['commit'][:10] + '_pretrained')
+  shutil.rmtree(workdir, ignore_errors=True)
+  shutil.rmtree(caches, ignore_errors=True)
+  run_once(entry['path'], entry['flags'], workdir, caches)
+  return workdir
+
+
 def markdown(result):
-  lines = [f'# Default run, end to end ({result["cpu"]})', '',
+  if result.get('evaluation_only'):
+    what = ('The final evaluation alone', '`python -m ssl_jax.main --config=configs/vicreg_it.py '
+            '--reevaluate` on one finished run of the revision, in its worktree')
+  else:
+    what = ('Default run, end to end',
+            '`python -m ssl_jax.main --config=configs/vicreg_it.py` in a worktree of the revision')
+  lines = [f'# {what[0]} ({result["cpu"]})', '',
            f'`python benchmarks/default_run.py {" ".join(result["argv"])}`; each run is '
-           '`python -m ssl_jax.main --config=configs/vicreg_it.py` in a worktree of the '
-           'revision, caches ' + ('kept per contender (--warm)' if result['warm']
-                                  else 'empty at every run') + '. Medians over rounds.', '',
+           f'{what[1]}, caches ' + ('kept per contender (--warm)' if result['warm']
+                                    else 'empty at every run') + '. Medians over rounds.', '',
            '| contender | commit | runs | wall (s) | vs first | linear | kNN-20 | matmul '
            'GFLOP/s |', '|---|---|---|---|---|---|---|---|']
   first = None
@@ -122,6 +150,8 @@ def markdown(result):
     wall = statistics.median(r['wall_sec'] for r in entry['runs'])
     for part in parts:
       seconds = statistics.median(r['breakdown_sec'].get(part, 0.0) for r in entry['runs'])
+      if result.get('evaluation_only') and seconds < 0.05:
+        continue   # the steps and periodic parts of a re-evaluation
       lines.append(f'| {part} | {seconds:.1f} | {100 * seconds / wall:.0f}% |')
     lines.append('')
   return '\n'.join(lines)
@@ -139,7 +169,12 @@ def main():
   parser.add_argument('--results', default='results/default_run')
   parser.add_argument('--resume', action='store_true',
                       help='keep the runs already in --results.json and add the missing ones')
+  parser.add_argument('--evaluation_only', action='store_true',
+                      help='time the final evaluation alone (--reevaluate on one pretrained run '
+                           'per contender)')
   args = parser.parse_args()
+  if args.evaluation_only and args.warm:
+    parser.error('--evaluation_only times a first run\'s evaluation: drop --warm')
   previous = {}
   if args.resume and os.path.exists(args.results + '.json'):
     with open(args.results + '.json') as f:
@@ -152,20 +187,26 @@ def main():
         'commit') == commit else []
     contenders[text] = {'commit': commit, 'path': path, 'flags': flags, 'runs': runs}
   result = {'cpu': step_bench.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
-            'contenders': contenders}
+            'evaluation_only': args.evaluation_only, 'contenders': contenders}
+  if args.evaluation_only:
+    for name, entry in contenders.items():
+      entry['pretrained'] = pretrained_run(entry, args.root)
   for round_ in range(args.rounds):
     for name, entry in contenders.items():
       if len(entry['runs']) > round_:
         continue   # --resume: this round of this contender is done
-      workdir = os.path.abspath(os.path.join(args.root, f'{entry["commit"][:10]}_{round_}'))
-      shutil.rmtree(workdir, ignore_errors=True)
+      workdir = entry.get('pretrained') or os.path.abspath(
+          os.path.join(args.root, f'{entry["commit"][:10]}_{round_}'))
+      if not args.evaluation_only:
+        shutil.rmtree(workdir, ignore_errors=True)
       caches = os.path.abspath(os.path.join(args.root, 'caches', entry['commit'][:10]
                                             + (f'_{round_}' if not args.warm else '')))
       if not args.warm:
         shutil.rmtree(caches, ignore_errors=True)
       gflops = step_bench.matmul_peak() / 1e9
       print(f'round {round_ + 1}/{args.rounds}: {name} ({gflops:.0f} GFLOP/s)', flush=True)
-      run = run_once(entry['path'], entry['flags'], workdir, caches)
+      run = run_once(entry['path'], entry['flags'] + (['--reevaluate'] if args.evaluation_only
+                                                      else []), workdir, caches)
       run['gflops'] = gflops
       entry['runs'].append(run)
       print(f'  {run["wall_sec"]:.0f} s, linear {100 * run["linear_test_acc"]:.2f}%: '
