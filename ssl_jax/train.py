@@ -155,6 +155,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
   step_fn = make_step_fn(run, config, mesh)
   # One jitted feature extractor for the online test evaluation and the final one.
   feature_fn = evaluate.make_feature_fn(graphdef, run.image_size, spec.mean, spec.std)
+  # Each evaluation split decoded once for the run (the online probe's and the final passes).
+  eval_splits = evaluate.SplitsInMemory(config, mesh)
 
   # ---- The loop. timer: where the run's time goes (summary.json 'time_breakdown_sec').
   timer = metrics_lib.Stopwatch()
@@ -168,7 +170,7 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
         data_dir=config.data.data_dir, shuffle_buffer=config.data.shuffle_buffer)
     batches = input_pipeline.DeviceIterator(dataset, mesh, prefetch=config.data.prefetch)
     throughput = metrics_lib.Throughput()
-    online_test = evaluate.make_online_test_eval(config, run, mesh, feature_fn)
+    online_test = evaluate.make_online_test_eval(config, run, mesh, feature_fn, eval_splits)
     monitor = diagnostics.make_training_monitor(config, run, mesh)
     pending: list[tuple[int, Any]] = []   # (step, loss) not yet checked on the host
     bar = metrics_lib.progress_bar(total_steps, start_step, enabled=is_main)
@@ -266,7 +268,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
           'Run the same command again to resume.', flush=True)
   elif config.eval.enabled:
     summary.update(evaluate.final_evaluation(config, run, state, mesh, feature_fn,
-                                             timer=timer, figure_dir=workdir))
+                                             timer=timer, figure_dir=workdir,
+                                             splits=eval_splits))
   summary['wall_time_sec'] = time.time() - start_time
   # Seconds since train_and_evaluate started, by section; the process's own
   # start-up (Python and library imports) comes before and is not in it.

@@ -307,6 +307,34 @@ def test_features_are_the_encoder_on_normalised_images_with_labels_in_order(untr
                                 1)[2] is None
 
 
+def test_splits_in_memory_decode_a_split_once_and_give_the_pipelines_batches(untrained,
+                                                                            monkeypatch):
+  config, mesh, _, _ = untrained
+  streamed = list(evaluate.eval_split(config, 'test', mesh).as_numpy_iterator())
+  decoded, eval_split = [], evaluate.eval_split
+  monkeypatch.setattr(evaluate, 'eval_split',
+                      lambda *a: decoded.append(a[1]) or eval_split(*a))
+
+  def same_batches(dataset):
+    batches = list(dataset.as_numpy_iterator())
+    assert len(batches) == len(streamed)
+    for got, want in zip(batches, streamed):
+      assert got.keys() == want.keys()
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+  splits = evaluate.SplitsInMemory(config, mesh)
+  for _ in range(3):
+    same_batches(splits('test'))
+  assert decoded == ['test']                  # decoded once, then read from memory
+  # A split that does not fit streams: the same batches, from the pipeline at every pass.
+  one_batch = sum(v.nbytes for v in streamed[0].values())
+  small = evaluate.SplitsInMemory(config, mesh, max_bytes=one_batch)
+  for _ in range(2):
+    same_batches(small('test'))
+  assert decoded == ['test'] * 3
+
+
 def test_the_online_probe_check_reads_the_configured_part_of_the_test_split(untrained):
   config, mesh, run, feature_fn = untrained
   # The probe starts at zero: every prediction is class 0 (argmax of equal logits), so
@@ -364,6 +392,10 @@ def test_final_evaluation_of_an_untrained_model_is_its_random_init_baseline(
   # Only the trained encoder: one probe, and one encoder in each split's pass.
   assert probes == [1] and encoders == [1, 1]
   assert again['eval'] == out['eval']
+  # The splits kept in memory give the same evaluation.
+  in_memory = evaluate.final_evaluation(config, run, run.state, mesh, feature_fn,
+                                        splits=evaluate.SplitsInMemory(config, mesh))
+  assert in_memory['eval'] == out['eval']
   assert not (tmp_path / 'embedding_map.png').exists()      # eval.embedding_map = False
   # A config from before eval.embedding_map existed draws the map (the default).
   old = config.copy_and_resolve_references()
