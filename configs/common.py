@@ -122,7 +122,7 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   # images keeps this periodic work, with the diagnostics below, under 5% of
   # pretraining (every 50 on all 10,000 images cost about a fifth).
   # baselines: raw pixels and the random-init encoder, cached across runs
-  # (evaluate.cached_baselines).
+  # (evaluate.read_cached_baselines).
   c.eval = dict(enabled=True, batch_size=1000, linear_epochs=30, linear_lr=1e-3,
                 linear_batch_size=1024, knn_k=(20, 200), knn_temperature=0.07,
                 baselines=True, max_train_examples=0, max_test_examples=0,

@@ -366,23 +366,6 @@ def baseline_key(config, run) -> dict[str, Any]:
   }
 
 
-def cached_baselines(key: dict[str, Any], compute: Callable[[], dict[str, Any]]
-                     ) -> tuple[dict[str, Any], Optional[str]]:
-  """The baselines of `key` from the cache, else computed and cached; (result, path).
-
-  Raw pixels and the random-init encoder do not depend on the pretraining, so
-  every run of a dataset and model computes the same numbers: the first run
-  pays for them (about as much as the trained encoder's own evaluation), the
-  others read them. A run of several processes computes them (every process
-  must take part in the feature extraction) and does not cache.
-  """
-  cached, path = read_cached_baselines(key)
-  if cached is not None:
-    return cached, path
-  result = compute()
-  return result, write_cached_baselines(key, result)
-
-
 def _baselines_path(key: dict[str, Any]) -> tuple[str, str]:
   text = json.dumps(key, sort_keys=True, default=str)
   return text, os.path.join(cache_dir(), 'baselines',
@@ -391,7 +374,14 @@ def _baselines_path(key: dict[str, Any]) -> tuple[str, str]:
 
 def read_cached_baselines(key: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
   """(the cached baselines of `key`, their path), or (None, None): absent, unreadable,
-  another key, or a run of several processes (which never caches)."""
+  another key, or a run of several processes (which never caches).
+
+  Raw pixels and the random-init encoder do not depend on the pretraining, so
+  every run of a dataset and model computes the same numbers: the first run
+  pays for them (write_cached_baselines), the others read them. A run of
+  several processes computes them (every process must take part in the
+  feature extraction) and does not cache.
+  """
   if jax.process_count() > 1:
     return None, None
   text, path = _baselines_path(key)

@@ -58,25 +58,21 @@ def test_scale_free_statistics_do_not_move_when_the_features_are_rescaled():
       16 * math.log(4.0), rel=1e-4)
 
 
-def test_baselines_are_computed_once_per_key_and_recomputed_when_it_changes(tmp_path,
-                                                                           monkeypatch):
+def test_baselines_are_read_back_for_their_key_only_and_a_corrupt_file_is_a_miss(
+    tmp_path, monkeypatch):
   monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path))
-  calls = []
-
-  def compute():
-    calls.append(1)
-    return {'baseline_raw_pixels': {'linear_test_acc': 0.84}}
-
+  baselines = {'baseline_raw_pixels': {'linear_test_acc': 0.84}}
   key = {'dataset': 'fashion_mnist', 'seed': 0}
-  first, path = evaluate.cached_baselines(key, compute)
-  again, same = evaluate.cached_baselines(key, compute)
-  assert first == again and path == same and len(calls) == 1
+  assert evaluate.read_cached_baselines(key) == (None, None)          # nothing cached yet
+  path = evaluate.write_cached_baselines(key, baselines)
+  assert evaluate.read_cached_baselines(key) == (baselines, path)
   assert json.load(open(path))['key'] == key
-  evaluate.cached_baselines(dict(key, seed=1), compute)            # another seed
-  assert len(calls) == 2
-  with open(path, 'w') as f:                                        # a corrupt file
+  assert evaluate.read_cached_baselines(dict(key, seed=1)) == (None, None)   # another seed
+  with open(path, 'w') as f:                                          # a corrupt file
     f.write('{not json')
-  assert evaluate.cached_baselines(key, compute)[0] == first and len(calls) == 3
+  assert evaluate.read_cached_baselines(key) == (None, None)
+  assert evaluate.write_cached_baselines(key, baselines) == path
+  assert evaluate.read_cached_baselines(key) == (baselines, path)
 
 
 # ----------------------------------------------------------------------------
@@ -227,23 +223,23 @@ def test_cache_dir_from_the_environment_or_home(monkeypatch, tmp_path):
 def test_a_key_with_values_json_cannot_write_is_cached_by_their_text(tmp_path, monkeypatch):
   monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path))
   key = {'seed': np.int64(3), 'ks': (20, 200)}
-  first, path = evaluate.cached_baselines(key, lambda: {'x': 1.0})
+  path = evaluate.write_cached_baselines(key, {'x': 1.0})
   assert path is not None
-  assert evaluate.cached_baselines(key, lambda: pytest.fail('recomputed')) == (first, path)
+  assert evaluate.read_cached_baselines(key) == ({'x': 1.0}, path)
 
 
-def test_an_unwritable_cache_still_returns_the_baselines(tmp_path, monkeypatch):
+def test_an_unwritable_cache_is_no_path_and_another_keys_file_is_a_miss(tmp_path, monkeypatch):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
   monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(blocker))
-  result, path = evaluate.cached_baselines({'a': 1}, lambda: {'x': 1.0})
-  assert result == {'x': 1.0} and path is None
+  assert evaluate.write_cached_baselines({'a': 1}, {'x': 1.0}) is None
+  assert evaluate.read_cached_baselines({'a': 1}) == (None, None)
   # A cached file whose key differs (a hash collision) is not used.
   monkeypatch.setenv('SSL_JAX_CACHE_DIR', str(tmp_path / 'cache'))
-  _, path = evaluate.cached_baselines({'a': 1}, lambda: {'x': 1.0})
+  path = evaluate.write_cached_baselines({'a': 1}, {'x': 1.0})
   with open(path, 'w') as f:
     json.dump({'key': {'a': 2}, 'baselines': {'x': 5.0}}, f)
-  assert evaluate.cached_baselines({'a': 1}, lambda: {'x': 1.0})[0] == {'x': 1.0}
+  assert evaluate.read_cached_baselines({'a': 1}) == (None, None)
 
 
 # ----------------------------------------------------------------------------
