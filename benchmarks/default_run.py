@@ -189,7 +189,7 @@ def main():
   result = {'cpu': step_bench.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
             'evaluation_only': args.evaluation_only, 'contenders': contenders}
   if args.evaluation_only:
-    for name, entry in contenders.items():
+    for entry in contenders.values():
       entry['pretrained'] = pretrained_run(entry, args.root)
   for round_ in range(args.rounds):
     for name, entry in contenders.items():
