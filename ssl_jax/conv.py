@@ -18,7 +18,9 @@ copies; the small CNN's O is twice its C.
 
 Routes (`model.conv_route`):
 - 'winograd' (the CPU default): 3x3 stride-1 layers by Winograd's F(4x4, 3x3)
-  (ssl_jax/winograd.py: 4x fewer matmul FLOPs), every other layer by im2col;
+  (ssl_jax/winograd.py: 4x fewer matmul FLOPs), or F(7x7, 3x3) where the
+  output is 7x7 or 14x14 (`winograd.choose_tile`), every other layer by im2col;
+- 'winograd4': the same with F(4x4, 3x3) only (its round-off is 25x lower);
 - 'im2col': every layer by im2col;
 - 'lax': `lax.conv_general_dilated`, the choice on GPU and TPU (cuDNN, the
   TPU's convolution units); 'auto' picks by backend.
@@ -44,7 +46,7 @@ from ssl_jax import winograd
 
 Array = jax.Array
 
-ROUTES = ('auto', 'winograd', 'im2col', 'lax')
+ROUTES = ('auto', 'winograd', 'winograd4', 'im2col', 'lax')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -74,9 +76,19 @@ def resolve_route(route: str) -> str:
   return route
 
 
+def route_numerics(route: str) -> str:
+  """What decides a route's float round-off: its resolved name and, for the
+  Winograd routes, the tiles it may use ('winograd F(4,7)'). Caches of numbers
+  computed through a route (evaluate.baseline_key) are keyed by it."""
+  resolved = resolve_route(route)
+  tiles = {'winograd': winograd.TILES, 'winograd4': (4,)}.get(resolved)
+  return resolved if tiles is None else f'{resolved} F({",".join(map(str, tiles))})'
+
+
 def conv_function(route: str):
   """The function to pass as `nnx.Conv(conv_general_dilated=...)` for a route."""
-  return {'winograd': conv_general_dilated_winograd, 'im2col': conv_general_dilated,
+  return {'winograd': conv_general_dilated_winograd,
+          'winograd4': conv_general_dilated_winograd4, 'im2col': conv_general_dilated,
           'lax': lax.conv_general_dilated}[resolve_route(route)]
 
 
@@ -285,15 +297,16 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None,
-                         out_sharding=None, *, use_winograd: bool = False) -> Array:
+                         out_sharding=None, *, winograd_tiles: Sequence[int] = ()) -> Array:
   """`lax.conv_general_dilated` through im2col for the NHWC 2-D case (route 'im2col').
 
   Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
   'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
   Anything else is passed on to `lax.conv_general_dilated` unchanged. With
-  use_winograd (route 'winograd', `conv_general_dilated_winograd`), the layers
+  winograd_tiles (routes 'winograd' and 'winograd4'), the layers
   `winograd.supports` (3x3 kernels at stride 1, float32 or float64, at least
-  8 channels in and out) go through Winograd instead.
+  8 channels in and out) go through Winograd instead, with the output tile
+  `winograd.choose_tile` picks among winograd_tiles.
   """
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   nhwc = lhs.ndim == 4 and rhs.ndim == 4 and dimension_numbers is not None and (
@@ -316,10 +329,14 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
   # The scope names the CPU routes in lowered programs (and profiles):
   # ssl_jax.lowering checks that an accelerator's step has none.
   with jax.named_scope(CPU_ROUTE_SCOPE):
-    if use_winograd and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
-      return winograd.conv3x3(lhs, rhs, pads)
+    if winograd_tiles and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
+      out_hw = tuple(lhs.shape[1 + i] + sum(pads[i]) - 2 for i in range(2))
+      return winograd.conv3x3(lhs, rhs, pads, winograd.choose_tile(out_hw, winograd_tiles))
     return conv2d(lhs, rhs, strides, pads)
 
 
-# Route 'winograd': the same function with Winograd for the layers it supports.
-conv_general_dilated_winograd = functools.partial(conv_general_dilated, use_winograd=True)
+# Routes 'winograd' and 'winograd4': the same function with Winograd for the
+# layers it supports, F(4x4, 3x3) or F(7x7, 3x3) / F(4x4, 3x3) only.
+conv_general_dilated_winograd = functools.partial(conv_general_dilated,
+                                                  winograd_tiles=winograd.TILES)
+conv_general_dilated_winograd4 = functools.partial(conv_general_dilated, winograd_tiles=(4,))

@@ -29,6 +29,19 @@ a float64 reference, (0, 1, -1, 2, -1/2) has the lowest error of the sets
 tried: RMS relative error 1.5e-6 in y (direct float32: 3.6e-7), 2.0e-6 in
 both gradients. F(2x2, 3x3) is as exact as direct convolution but does
 2.25x the multiplies of F(4x4, 3x3) and was 1.5x slower there.
+
+F(7x7, 3x3) for 7x7 outputs. A layer whose output is 7x7 (the small CNN's
+last layer) needs 2x2 tiles of F(4x4, 3x3), 8x8 outputs for 49: 4 * 36 = 144
+transformed positions per image. One 7x7 tile of F(7x7, 3x3) (9x9 input
+tiles, 81 positions) covers it exactly: 1.8x fewer multiplies and 1.8x less
+memory for the transformed input and product, which is what the layer's time
+goes to. The price is round-off: its 8 finite interpolation points
+(0, 1, -1, 2, -2, 1/2, -1/2, 1/4) give an RMS relative error of about 4e-5
+in float32 (9.5e-5 in the input gradient), against 1.5e-6 for F(4x4, 3x3)
+and about 2e-3 for bfloat16 operands (TPU's default matmul precision).
+`choose_tile` takes F(7x7) only where it needs at least 1.5x fewer positions
+than F(4x4) (7x7 and 14x14 outputs); the route 'winograd4' (ssl_jax/conv.py)
+never does.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +58,13 @@ from jax import lax
 
 Array = jax.Array
 
-TILE = 4                     # output tile side m of F(m x m, 3 x 3)
+TILE = 4                     # output tile side m of F(m x m, 3 x 3), the general choice
 KERNEL = 3                   # filter side r
 POINTS = (0, 1, -1, 2, Fraction(-1, 2))   # finite interpolation points; plus infinity
+# F(7x7, 3x3): 8 finite points. Of the sets tried on the small CNN's last layer
+# (the eighth point 3, 1/4 or -3/2), 1/4 had the lowest float32 error.
+POINTS_7 = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2), Fraction(1, 4))
+TILES = (4, 7)
 
 
 def _matrices(points: Sequence, r: int = KERNEL):
@@ -86,12 +103,33 @@ def _kron(mat) -> np.ndarray:
   return np.kron(mat, mat).astype(np.float64)
 
 
-_AT, _G, _BT = _matrices(POINTS)
-assert _AT.shape == (TILE, TILE + KERNEL - 1)
-N = TILE + KERNEL - 1        # input tile side (6)
-K_IN = _kron(_BT)            # [36, 36]: d (a, b) -> V (p, q)
-K_FILTER = _kron(_G)         # [36, 9]:  g (i, j) -> U (p, q)
-K_OUT = _kron(_AT)           # [16, 36]: M (p, q) -> Y (i, j)
+class Transform(NamedTuple):
+  """The three 2-D transforms of F(m x m, 3 x 3) as matrices on flattened tiles."""
+  tile: int                  # m: output tile side
+  n: int                     # m + 2: input tile side
+  k_in: np.ndarray           # [n*n, n*n]: d (a, b) -> V (p, q)
+  k_filter: np.ndarray       # [n*n, 9]:   g (i, j) -> U (p, q)
+  k_out: np.ndarray          # [m*m, n*n]: M (p, q) -> Y (i, j)
+
+
+def _transform(points) -> Transform:
+  at, g, bt = _matrices(points)
+  return Transform(at.shape[0], at.shape[1], _kron(bt), _kron(g), _kron(at))
+
+
+TRANSFORMS = {4: _transform(POINTS), 7: _transform(POINTS_7)}
+assert all(TRANSFORMS[m].tile == m for m in TILES)
+N = TRANSFORMS[TILE].n       # input tile side of F(4x4, 3x3) (6)
+
+
+def choose_tile(out_hw, tiles: Sequence[int] = TILES) -> int:
+  """The output tile side for a layer with output out_hw: 4 unless 7 is allowed
+  and needs at least 1.5x fewer transformed positions (n^2 per tile) per image."""
+  def positions(m):
+    return (m + KERNEL - 1) ** 2 * _tiles(out_hw[0], m) * _tiles(out_hw[1], m)
+  if 7 in tiles and positions(4) >= 1.5 * positions(7):
+    return 7
+  return 4
 
 
 def _apply(matrix: np.ndarray, x: Array) -> Array:
@@ -101,68 +139,72 @@ def _apply(matrix: np.ndarray, x: Array) -> Array:
   return out.reshape((matrix.shape[0],) + x.shape[1:])
 
 
-def _tiles(size: int) -> int:
-  return -(-size // TILE)
+def _tiles(size: int, tile: int) -> int:
+  return -(-size // tile)
 
 
-def _input_transform(x: Array, pads, out_hw) -> Array:
-  """x [B, H, W, C] -> V [36, B * th * tw, C], th x tw tiles of 4x4 outputs."""
+def _input_transform(x: Array, pads, out_hw, t: Transform) -> Array:
+  """x [B, H, W, C] -> V [n*n, B * th * tw, C], th x tw tiles of m x m outputs."""
   batch, h, w, c = x.shape
-  th, tw = _tiles(out_hw[0]), _tiles(out_hw[1])
-  # Padded so that every tile's 6x6 window exists: TILE * tiles + 2 rows.
+  m, n = t.tile, t.n
+  th, tw = _tiles(out_hw[0], m), _tiles(out_hw[1], m)
+  # Padded so that every tile's n x n window exists: m * tiles + 2 rows.
   x = lax.pad(x, jnp.zeros((), x.dtype), (
-      (0, 0, 0), (pads[0][0], TILE * th + 2 - h - pads[0][0], 0),
-      (pads[1][0], TILE * tw + 2 - w - pads[1][0], 0), (0, 0, 0)))
-  d = jnp.stack([x[:, i:i + TILE * th:TILE, j:j + TILE * tw:TILE, :]
-                 for i in range(N) for j in range(N)])        # [36, B, th, tw, C]
-  return _apply(K_IN, d).reshape(N * N, batch * th * tw, c)
+      (0, 0, 0), (pads[0][0], m * th + 2 - h - pads[0][0], 0),
+      (pads[1][0], m * tw + 2 - w - pads[1][0], 0), (0, 0, 0)))
+  d = jnp.stack([x[:, i:i + m * th:m, j:j + m * tw:m, :]
+                 for i in range(n) for j in range(n)])        # [n*n, B, th, tw, C]
+  return _apply(t.k_in, d).reshape(n * n, batch * th * tw, c)
 
 
-def _input_transform_t(dv: Array, x_shape, pads, out_hw) -> Array:
-  """The adjoint of `_input_transform`: dV [36, T, C] -> dx [B, H, W, C].
+def _input_transform_t(dv: Array, x_shape, pads, out_hw, t: Transform) -> Array:
+  """The adjoint of `_input_transform`: dV [n*n, T, C] -> dx [B, H, W, C].
 
-  (B^T (x) B^T)^T maps dV back to 6x6 tiles, which overlap by 2 rows and
-  columns: they are added into place one axis at a time, with 6 pads
-  (interior padding TILE - 1) summed per axis, not 36.
+  (B^T (x) B^T)^T maps dV back to n x n tiles, which overlap by 2 rows and
+  columns: they are added into place one axis at a time, with n pads
+  (interior padding m - 1) summed per axis, not n*n.
   """
   batch, h, w, c = x_shape
-  th, tw = _tiles(out_hw[0]), _tiles(out_hw[1])
-  hp, wp = TILE * th + 2, TILE * tw + 2
-  d = _apply(K_IN.T, dv).reshape(N, N, batch, th, tw, c)
+  m, n = t.tile, t.n
+  th, tw = _tiles(out_hw[0], m), _tiles(out_hw[1], m)
+  hp, wp = m * th + 2, m * tw + 2
+  d = _apply(t.k_in.T, dv).reshape(n, n, batch, th, tw, c)
   zero = jnp.zeros((), dv.dtype)
-  rows = None                                            # [6 (i), B, th, wp, C]
-  for j in range(N):
+  rows = None                                            # [n (i), B, th, wp, C]
+  for j in range(n):
     tap = lax.pad(d[:, j], zero, ((0, 0, 0), (0, 0, 0), (0, 0, 0),
-                                  (j, wp - j - (tw - 1) * TILE - 1, TILE - 1), (0, 0, 0)))
+                                  (j, wp - j - (tw - 1) * m - 1, m - 1), (0, 0, 0)))
     rows = tap if rows is None else rows + tap
   out = None                                             # [B, hp, wp, C]
-  for i in range(N):
-    tap = lax.pad(rows[i], zero, ((0, 0, 0), (i, hp - i - (th - 1) * TILE - 1, TILE - 1),
+  for i in range(n):
+    tap = lax.pad(rows[i], zero, ((0, 0, 0), (i, hp - i - (th - 1) * m - 1, m - 1),
                                   (0, 0, 0), (0, 0, 0)))
     out = tap if out is None else out + tap
   return out[:, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + w]
 
 
-def _output_transform(m: Array, batch: int, out_hw) -> Array:
-  """M [36, B * th * tw, O] -> y [B, Ho, Wo, O]."""
-  th, tw = _tiles(out_hw[0]), _tiles(out_hw[1])
-  y = _apply(K_OUT, m).reshape(TILE, TILE, batch, th, tw, -1)
-  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, TILE * th, TILE * tw, -1)
+def _output_transform(prod: Array, batch: int, out_hw, t: Transform) -> Array:
+  """M [n*n, B * th * tw, O] -> y [B, Ho, Wo, O]."""
+  m = t.tile
+  th, tw = _tiles(out_hw[0], m), _tiles(out_hw[1], m)
+  y = _apply(t.k_out, prod).reshape(m, m, batch, th, tw, -1)
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, m * th, m * tw, -1)
   return y[:, :out_hw[0], :out_hw[1]]
 
 
-def _output_transform_t(dy: Array) -> Array:
-  """The adjoint of `_output_transform`: dy [B, Ho, Wo, O] -> dM [36, T, O]."""
+def _output_transform_t(dy: Array, t: Transform) -> Array:
+  """The adjoint of `_output_transform`: dy [B, Ho, Wo, O] -> dM [n*n, T, O]."""
   batch, ho, wo, o = dy.shape
-  th, tw = _tiles(ho), _tiles(wo)
-  dy = jnp.pad(dy, ((0, 0), (0, TILE * th - ho), (0, TILE * tw - wo), (0, 0)))
-  dy = dy.reshape(batch, th, TILE, tw, TILE, o).transpose(2, 4, 0, 1, 3, 5)
-  return _apply(K_OUT.T, dy.reshape(TILE * TILE, batch * th * tw, o))
+  m = t.tile
+  th, tw = _tiles(ho, m), _tiles(wo, m)
+  dy = jnp.pad(dy, ((0, 0), (0, m * th - ho), (0, m * tw - wo), (0, 0)))
+  dy = dy.reshape(batch, th, m, tw, m, o).transpose(2, 4, 0, 1, 3, 5)
+  return _apply(t.k_out.T, dy.reshape(m * m, batch * th * tw, o))
 
 
-def _filter_transform(w: Array) -> Array:
-  """w [3, 3, C, O] -> U [36, C, O]."""
-  return _apply(K_FILTER, w.reshape((KERNEL * KERNEL,) + w.shape[2:]))
+def _filter_transform(w: Array, t: Transform) -> Array:
+  """w [3, 3, C, O] -> U [n*n, C, O]."""
+  return _apply(t.k_filter, w.reshape((KERNEL * KERNEL,) + w.shape[2:]))
 
 
 def _batched_matmul(a: Array, b: Array, contract_a: int, contract_b: int) -> Array:
@@ -190,39 +232,43 @@ def supports(x_shape, w_shape, strides, pads, dtype) -> bool:
           and min(c, o) >= 8 and min(_out_hw(x_shape, pads)) >= 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3(x: Array, w: Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3x3(x: Array, w: Array, pads: tuple[tuple[int, int], tuple[int, int]],
+            tile: int = TILE) -> Array:
   """Cross-correlation of x [B, H, W, C] with w [3, 3, C, O] at stride 1 -> [B, Ho, Wo, O].
 
   Equal, up to float round-off, to `lax.conv_general_dilated(x, w, (1, 1),
   pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`; `pads` are explicit,
-  non-negative ((top, bottom), (left, right)) pairs.
+  non-negative ((top, bottom), (left, right)) pairs; `tile` (4 or 7) picks
+  F(4x4, 3x3) or F(7x7, 3x3) (`choose_tile`).
   """
-  y, _ = _fwd(x, w, pads)
+  y, _ = _fwd(x, w, pads, tile)
   return y
 
 
-def _fwd(x, w, pads):
+def _fwd(x, w, pads, tile=TILE):
+  t = TRANSFORMS[tile]
   out_hw = _out_hw(x.shape, pads)
-  v = _input_transform(x, pads, out_hw)
-  u = _filter_transform(w)
-  y = _output_transform(_batched_matmul(v, u, 2, 1), x.shape[0], out_hw)
+  v = _input_transform(x, pads, out_hw, t)
+  u = _filter_transform(w, t)
+  y = _output_transform(_batched_matmul(v, u, 2, 1), x.shape[0], out_hw, t)
   # V, not x, is kept: rebuilding it costs a pass over x, keeping it 2.25x
-  # x's memory (36 / 16 values per output pixel) against im2col's 9x.
+  # x's memory for F(4x4) (36 / 16 values per output pixel) against im2col's 9x.
   return y, (v, u)
 
 
-def _bwd(pads, residuals, dy):
+def _bwd(pads, tile, residuals, dy):
   """dx = B-transform^T(dM @ U^T), dw = G-transform^T(V^T @ dM), dM = A-transform^T(dy)."""
+  t = TRANSFORMS[tile]
   v, u = residuals
   out_hw = dy.shape[1:3]
   x_shape = (dy.shape[0],) + tuple(out_hw[i] + KERNEL - 1 - sum(pads[i]) for i in range(2)) + (
       v.shape[-1],)
-  dm = _output_transform_t(dy)                              # [36, T, O]
-  dv = _batched_matmul(dm, u, 2, 2)                         # [36, T, C]
-  du = _batched_matmul(v, dm, 1, 1)                         # [36, C, O]
-  dx = _input_transform_t(dv, x_shape, pads, out_hw)
-  dw = _apply(K_FILTER.T, du).reshape((KERNEL, KERNEL) + du.shape[1:])
+  dm = _output_transform_t(dy, t)                           # [n*n, T, O]
+  dv = _batched_matmul(dm, u, 2, 2)                         # [n*n, T, C]
+  du = _batched_matmul(v, dm, 1, 1)                         # [n*n, C, O]
+  dx = _input_transform_t(dv, x_shape, pads, out_hw, t)
+  dw = _apply(t.k_filter.T, du).reshape((KERNEL, KERNEL) + du.shape[1:])
   return dx, dw
 
 

@@ -40,8 +40,15 @@ WINOGRAD_CASES = [
     (4, 4, 32, 16, 3, 1, 'SAME'), (1, 1, 16, 8, 3, 1, 'SAME'), (9, 11, 8, 12, 3, 1, 'SAME'),
     (9, 9, 8, 8, 3, 1, 'VALID'), (3, 3, 8, 8, 3, 1, 'VALID'), (6, 7, 8, 9, 3, 1, ((2, 0), (1, 1))),
 ]
+# F(7x7, 3x3) tiles: the outputs `winograd.choose_tile` gives them (7x7, 14x14),
+# padded and not, and a 6x6 output that a 7x7 tile covers with a margin.
+WINOGRAD7_CASES = [
+    (7, 7, 8, 16, 3, 1, 'SAME'), (14, 14, 8, 8, 3, 1, 'SAME'), (9, 9, 8, 12, 3, 1, 'VALID'),
+    (6, 7, 8, 9, 3, 1, ((2, 0), (1, 1))), (16, 16, 8, 8, 3, 1, 'VALID'),
+]
 ROUTE_FUNCTIONS = {'im2col': conv.conv_general_dilated,
-                   'winograd': conv.conv_general_dilated_winograd}
+                   'winograd': conv.conv_general_dilated_winograd,
+                   'winograd4': conv.conv_general_dilated_winograd4}
 
 
 def _both(x, w, stride, padding, route='im2col'):
@@ -52,9 +59,13 @@ def _both(x, w, stride, padding, route='im2col'):
   return ref, ours
 
 
+# Float32 at direct convolution's tolerances: im2col and F(4x4, 3x3). The
+# 'winograd' route's F(7x7, 3x3) layers are checked exactly in float64
+# (test_winograd_routes_equal_lax_conv_in_float64) and for their float32
+# round-off against a bound (test_winograd7_round_off_...).
 @pytest.mark.parametrize('route,h,w,c,o,k,stride,padding',
                          [('im2col',) + case for case in CASES + WINOGRAD_CASES]
-                         + [('winograd',) + case for case in CASES + WINOGRAD_CASES])
+                         + [('winograd4',) + case for case in CASES + WINOGRAD_CASES])
 def test_values_and_gradients_equal_lax_conv(route, h, w, c, o, k, stride, padding):
   kx, kw, kc = jax.random.split(jax.random.key(h * 100 + c), 3)
   x = jax.random.normal(kx, (3, h, w, c), jnp.float32)
@@ -77,28 +88,65 @@ def test_gradients_match_finite_differences_in_float64():
     check_grads(f, (x, kernel), order=1, modes=['rev'])
 
 
-def test_winograd_gradients_match_finite_differences_in_float64():
+@pytest.mark.parametrize('tile', winograd.TILES)
+def test_winograd_gradients_match_finite_differences_in_float64(tile):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 8), jnp.float64)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 9), jnp.float64)
-    f = lambda x, w: winograd.conv3x3(x, w, ((1, 1), (2, 0)))
+    f = lambda x, w: winograd.conv3x3(x, w, ((1, 1), (2, 0)), tile)
     check_grads(f, (x, kernel), order=1, modes=['rev'])
 
 
-def test_winograd_matrices_compute_the_correlation_exactly():
+@pytest.mark.parametrize('points', [winograd.POINTS, winograd.POINTS_7])
+def test_winograd_matrices_compute_the_correlation_exactly(points):
   # In rational arithmetic, A^T [(G g) * (B^T d)] is the 1-D correlation
   # y_i = sum_j g_j d_{i+j} for any filter g and input tile d: the Toom-Cook
   # construction is exact, and only float round-off separates the route from
   # a direct convolution.
-  at, g_mat, bt = winograd._matrices(winograd.POINTS)
+  at, g_mat, bt = winograd._matrices(points)
+  m, n = at.shape
+  assert n == m + winograd.KERNEL - 1 == len(points) + 1
   rng = np.random.default_rng(0)
   for _ in range(5):
     g = [Fraction(int(v)) for v in rng.integers(-9, 10, size=winograd.KERNEL)]
-    d = [Fraction(int(v)) for v in rng.integers(-9, 10, size=winograd.N)]
+    d = [Fraction(int(v)) for v in rng.integers(-9, 10, size=n)]
     gg, bd = g_mat.dot(g), bt.dot(d)
     y = at.dot([a * b for a, b in zip(gg, bd)])
-    assert list(y) == [sum(g[j] * d[i + j] for j in range(winograd.KERNEL))
-                       for i in range(winograd.TILE)]
+    assert list(y) == [sum(g[j] * d[i + j] for j in range(winograd.KERNEL)) for i in range(m)]
+
+
+@pytest.mark.parametrize('route,h,w,c,o,k,stride,padding',
+                         [('winograd',) + case for case in CASES + WINOGRAD_CASES + WINOGRAD7_CASES]
+                         + [('winograd4',) + case for case in WINOGRAD7_CASES])
+def test_winograd_routes_equal_lax_conv_in_float64(route, h, w, c, o, k, stride, padding):
+  # In float64 the round-off of either tile is far below the tolerance, so any
+  # error of tiling, padding, cropping or the adjoint transforms shows.
+  with jax.enable_x64(True):
+    kx, kw, kc = jax.random.split(jax.random.key(h * 1000 + c + o), 3)
+    x = jax.random.normal(kx, (2, h, w, c), jnp.float64)
+    kernel = jax.random.normal(kw, (k, k, c, o), jnp.float64) / np.sqrt(k * k * c)
+    ref, ours = _both(x, kernel, stride, padding, route)
+    y_ref = ref(x, kernel)
+    np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=1e-10, atol=1e-10)
+    cotangent = jax.random.normal(kc, y_ref.shape, jnp.float64)
+    grads_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cotangent), (0, 1))(x, kernel)
+    grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_choose_tile_takes_7x7_tiles_where_they_need_far_fewer_positions():
+  # Positions per image, F(4x4): 36 per 4x4 tile; F(7x7): 81 per 7x7 tile.
+  assert winograd.choose_tile((7, 7)) == 7        # 144 against 81
+  assert winograd.choose_tile((14, 14)) == 7      # 576 against 324
+  assert winograd.choose_tile((28, 28)) == 4      # 1764 against 1296: under 1.5x
+  assert winograd.choose_tile((32, 32)) == 4      # ResNet's CIFAR stages: 4x4 tiles fit
+  assert winograd.choose_tile((8, 8)) == 4
+  assert winograd.choose_tile((4, 4)) == 4
+  assert winograd.choose_tile((7, 7), tiles=(4,)) == 4
+  assert conv.route_numerics('winograd') == 'winograd F(4,7)'
+  assert conv.route_numerics('winograd4') == 'winograd4 F(4)'
+  assert conv.route_numerics('im2col') == 'im2col'
 
 
 def test_winograd_round_off_stays_within_a_few_times_direct_float32():
@@ -125,6 +173,35 @@ def test_winograd_round_off_stays_within_a_few_times_direct_float32():
     rms = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
     for direct, wino, truth in zip(outputs(ref, x32, k32), outputs(ours, x32, k32), exact):
       assert rms(wino, truth) < 10 * max(rms(direct, truth), 1e-7)
+
+
+def test_winograd7_round_off_stays_10x_below_bfloat16_operands():
+  # F(7x7, 3x3) trades accuracy for speed: its 8 finite interpolation points
+  # give transforms with entries up to 4^6, and a float32 RMS relative error of
+  # about 4e-5 (y) and 1e-4 (gradients) on the small CNN's last layer (direct
+  # float32: 3-4e-7). The yardstick is the precision accelerators train in:
+  # a direct convolution whose operands are rounded to bfloat16 (TPU's default
+  # matmul precision, about 2e-3 here). This bounds F(7x7) at a tenth of that.
+  with jax.enable_x64(True):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.nn.relu(jax.random.normal(kx, (8, 7, 7, 128), jnp.float64))
+    kernel = jax.random.normal(kw, (3, 3, 128, 256), jnp.float64) / np.sqrt(9 * 128)
+    g = jax.random.normal(kg, (8, 7, 7, 256), jnp.float64)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+    ours = lambda x, w: winograd.conv3x3(x, w, ((1, 1), (1, 1)), 7)
+    bf16 = lambda a: a.astype(jnp.bfloat16).astype(jnp.float64)
+
+    def outputs(f, x, w, g):
+      y, vjp = jax.vjp(f, x, w)
+      return (y,) + vjp(g)
+
+    exact = outputs(ref, x, kernel, g)
+    rounded = outputs(ref, bf16(x), bf16(kernel), bf16(g))
+    f32 = lambda a: a.astype(jnp.float32)
+    wino = outputs(ours, f32(x), f32(kernel), f32(g))
+    rms = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
+    for w7, bf, truth in zip(wino, rounded, exact):
+      assert rms(w7.astype(jnp.float64), truth) < 0.1 * rms(bf, truth)
 
 
 @pytest.mark.parametrize('h,w,c,o,k,stride,padding', CASES)
