@@ -18,9 +18,11 @@ copies; the small CNN's O is twice its C.
 
 Routes (`model.conv_route`):
 - 'winograd' (the CPU default): 3x3 stride-1 layers by Winograd's F(4x4, 3x3)
-  (ssl_jax/winograd.py: 4x fewer matmul FLOPs), or F(7x7, 3x3) where the
-  output is 7x7 or 14x14 (`winograd.choose_tile`), every other layer by im2col;
-- 'winograd4': the same with F(4x4, 3x3) only (its round-off is 25x lower);
+  (ssl_jax/winograd.py: 4x fewer matmul FLOPs), every other layer by im2col;
+- 'winograd7': the same with F(7x7, 3x3) where the output is 7x7 or 14x14
+  (`winograd.choose_tile`): the default run 1.18x faster, 25x more round-off,
+  and kNN-20 accuracy lower in each of three paired seeds (docs/speed.md), so
+  opt-in;
 - 'im2col': every layer by im2col;
 - 'lax': `lax.conv_general_dilated`, the choice on GPU and TPU (cuDNN, the
   TPU's convolution units); 'auto' picks by backend.
@@ -46,7 +48,7 @@ from ssl_jax import winograd
 
 Array = jax.Array
 
-ROUTES = ('auto', 'winograd', 'winograd4', 'im2col', 'lax')
+ROUTES = ('auto', 'winograd', 'winograd7', 'im2col', 'lax')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -76,19 +78,10 @@ def resolve_route(route: str) -> str:
   return route
 
 
-def route_numerics(route: str) -> str:
-  """What decides a route's float round-off: its resolved name and, for the
-  Winograd routes, the tiles it may use ('winograd F(4,7)'). Caches of numbers
-  computed through a route (evaluate.baseline_key) are keyed by it."""
-  resolved = resolve_route(route)
-  tiles = {'winograd': winograd.TILES, 'winograd4': (4,)}.get(resolved)
-  return resolved if tiles is None else f'{resolved} F({",".join(map(str, tiles))})'
-
-
 def conv_function(route: str):
   """The function to pass as `nnx.Conv(conv_general_dilated=...)` for a route."""
   return {'winograd': conv_general_dilated_winograd,
-          'winograd4': conv_general_dilated_winograd4, 'im2col': conv_general_dilated,
+          'winograd7': conv_general_dilated_winograd7, 'im2col': conv_general_dilated,
           'lax': lax.conv_general_dilated}[resolve_route(route)]
 
 
@@ -303,7 +296,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
   Handles what the encoders use: NHWC inputs, HWIO kernels, any strides,
   'SAME' / 'VALID' / explicit padding, no dilation, one feature group.
   Anything else is passed on to `lax.conv_general_dilated` unchanged. With
-  winograd_tiles (routes 'winograd' and 'winograd4'), the layers
+  winograd_tiles (routes 'winograd' and 'winograd7'), the layers
   `winograd.supports` (3x3 kernels at stride 1, float32 or float64, at least
   8 channels in and out) go through Winograd instead, with the output tile
   `winograd.choose_tile` picks among winograd_tiles.
@@ -335,8 +328,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
     return conv2d(lhs, rhs, strides, pads)
 
 
-# Routes 'winograd' and 'winograd4': the same function with Winograd for the
-# layers it supports, F(4x4, 3x3) or F(7x7, 3x3) / F(4x4, 3x3) only.
-conv_general_dilated_winograd = functools.partial(conv_general_dilated,
-                                                  winograd_tiles=winograd.TILES)
-conv_general_dilated_winograd4 = functools.partial(conv_general_dilated, winograd_tiles=(4,))
+# Routes 'winograd' and 'winograd7': the same function with Winograd for the
+# layers it supports, F(4x4, 3x3) only / F(4x4, 3x3) or F(7x7, 3x3).
+conv_general_dilated_winograd = functools.partial(conv_general_dilated, winograd_tiles=(4,))
+conv_general_dilated_winograd7 = functools.partial(conv_general_dilated,
+                                                   winograd_tiles=winograd.TILES)

@@ -362,7 +362,7 @@ def baseline_key(config, run) -> dict[str, Any]:
       # the same encoder shares one random-init baseline.
       'encoder': config.model.encoder.to_dict(), 'dtype': config.model.get('dtype', 'float32'),
       'seed': int(config.seed), 'backend': jax.default_backend(),
-      'conv_route': conv.route_numerics(config.model.get('conv_route', 'auto')),
+      'conv_route': conv.resolve_route(config.model.get('conv_route', 'auto')),
   }
 
 
