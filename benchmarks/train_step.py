@@ -1,6 +1,6 @@
 """Training-step speed: lax.conv, im2col, Winograd, the allocator, and PyTorch side by side.
 
-  python benchmarks/train_step.py [--rounds 5] [--steps 3] [--resnet] [--torch]
+  python benchmarks/train_step.py [--rounds 5] [--steps 3] [--cnn512] [--resnet] [--torch]
 
 Settings: the default config (configs/vicreg_it.py: Fashion-MNIST, batch 256,
 two views) with the small CNN the speed targets were set on (32-64-128-256; the
@@ -13,7 +13,9 @@ Contenders: `lax/glibc` is the step as it was before the CPU work
 `im2col/tcmalloc` adds tcmalloc (ssl_jax/allocator.py); `winograd/tcmalloc`
 computes the 3x3 stride-1 layers by Winograd F(4x4, 3x3) and the others by
 im2col (ssl_jax/winograd.py): what `python -m ssl_jax.main` runs on a CPU
-with tcmalloc installed. The allocator is fixed when a
+with tcmalloc installed; `winograd7/tcmalloc` takes F(7x7, 3x3) on 7x7 and
+14x14 outputs (opt-in). --cnn512 adds the default config's own encoder, whose
+last layer is 512 wide. The allocator is fixed when a
 process starts, so every contender runs in its own worker process.
 
 Speeds are compared only within one run on one machine: the contenders are
@@ -111,6 +113,7 @@ class JaxStep:
 # speed targets were set on, 32-64-128-256; the default's last conv is now 512 wide.
 SETTINGS = {'default': ('small CNN 32-64-128-256, Fashion-MNIST, b256', None,
                         {'model.encoder.channels': '32-64-128-256'}),
+            'cnn512': ('small CNN 32-64-128-512 (default config), b256', None, {}),
             'resnet18': ('ResNet-18 CIFAR stem, 32x32x3, b256', 'cifar10', {})}
 _MESSAGE = '@@ '   # worker -> parent lines; anything else a worker prints is passed through
 
@@ -188,6 +191,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=3, help='steps per timed round')
+  parser.add_argument('--cnn512', action='store_true',
+                      help="also the default config's own encoder (last conv 512 wide)")
   parser.add_argument('--resnet', action='store_true', help='also the ResNet-18 CIFAR step')
   parser.add_argument('--torch', action='store_true', help='also PyTorch (needs torch)')
   parser.add_argument('--contenders',
@@ -204,7 +209,8 @@ def main():
   if args.torch:
     names += ['torch/glibc', 'torch/tcmalloc']
   rows, flops_of = [], {}
-  for setting in ['default'] + (['resnet18'] if args.resnet else []):
+  for setting in (['default'] + (['cnn512'] if args.cnn512 else [])
+                  + (['resnet18'] if args.resnet else [])):
     contenders = {}
     try:
       for name in names:
