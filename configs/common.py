@@ -93,7 +93,8 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
                               channels='32-64-128-512'),
                  projector='1024-1024-1024', predictor='1024-256', dtype='float32',
                  # 'auto': Winograd and im2col matmuls on CPU (ssl_jax/conv.py), lax.conv on
-                 # GPU/TPU; 'winograd', 'im2col' or 'lax' force one.
+                 # GPU/TPU; 'winograd', 'im2col' or 'lax' force one; 'winograd7' (opt-in)
+                 # adds F(7x7) tiles on 7x7/14x14 outputs: faster, more round-off.
                  conv_route='auto')
   if 'predictor' in recipe:
     c.model.projector, c.model.predictor = '1024-256', '1024-256'

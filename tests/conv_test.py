@@ -59,6 +59,22 @@ def _both(x, w, stride, padding, route='im2col'):
   return ref, ours
 
 
+def _assert_route_equals_lax_conv(route, case, dtype, batch, seed, tol, grad_tol):
+  """Values and both gradients of `route` against lax.conv on one CASES entry."""
+  h, w, c, o, k, stride, padding = case
+  kx, kw, kc = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (batch, h, w, c), dtype)
+  kernel = jax.random.normal(kw, (k, k, c, o), dtype) / np.sqrt(k * k * c)
+  ref, ours = _both(x, kernel, stride, padding, route)
+  y_ref = ref(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=tol, atol=tol)
+  cotangent = jax.random.normal(kc, y_ref.shape, dtype)
+  grads_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cotangent), (0, 1))(x, kernel)
+  grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1))(x, kernel)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=grad_tol, atol=grad_tol)
+
+
 # Float32 at direct convolution's tolerances: im2col and F(4x4, 3x3). The
 # 'winograd7' route's F(7x7, 3x3) layers are checked exactly in float64
 # (test_winograd_routes_equal_lax_conv_in_float64) and for their float32
@@ -67,17 +83,8 @@ def _both(x, w, stride, padding, route='im2col'):
                          [('im2col',) + case for case in CASES + WINOGRAD_CASES]
                          + [('winograd',) + case for case in CASES + WINOGRAD_CASES])
 def test_values_and_gradients_equal_lax_conv(route, h, w, c, o, k, stride, padding):
-  kx, kw, kc = jax.random.split(jax.random.key(h * 100 + c), 3)
-  x = jax.random.normal(kx, (3, h, w, c), jnp.float32)
-  kernel = jax.random.normal(kw, (k, k, c, o), jnp.float32) / np.sqrt(k * k * c)
-  ref, ours = _both(x, kernel, stride, padding, route)
-  y_ref = ref(x, kernel)
-  np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=1e-5, atol=1e-5)
-  cotangent = jax.random.normal(kc, y_ref.shape, jnp.float32)
-  grads_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cotangent), (0, 1))(x, kernel)
-  grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1))(x, kernel)
-  for g, g_ref in zip(grads, grads_ref):
-    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  _assert_route_equals_lax_conv(route, (h, w, c, o, k, stride, padding), jnp.float32,
+                                batch=3, seed=h * 100 + c, tol=1e-5, grad_tol=1e-4)
 
 
 def test_gradients_match_finite_differences_in_float64():
@@ -122,17 +129,8 @@ def test_winograd_routes_equal_lax_conv_in_float64(route, h, w, c, o, k, stride,
   # In float64 the round-off of either tile is far below the tolerance, so any
   # error of tiling, padding, cropping or the adjoint transforms shows.
   with jax.enable_x64(True):
-    kx, kw, kc = jax.random.split(jax.random.key(h * 1000 + c + o), 3)
-    x = jax.random.normal(kx, (2, h, w, c), jnp.float64)
-    kernel = jax.random.normal(kw, (k, k, c, o), jnp.float64) / np.sqrt(k * k * c)
-    ref, ours = _both(x, kernel, stride, padding, route)
-    y_ref = ref(x, kernel)
-    np.testing.assert_allclose(ours(x, kernel), y_ref, rtol=1e-10, atol=1e-10)
-    cotangent = jax.random.normal(kc, y_ref.shape, jnp.float64)
-    grads_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cotangent), (0, 1))(x, kernel)
-    grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1))(x, kernel)
-    for g, g_ref in zip(grads, grads_ref):
-      np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-10)
+    _assert_route_equals_lax_conv(route, (h, w, c, o, k, stride, padding), jnp.float64,
+                                  batch=2, seed=h * 1000 + c + o, tol=1e-10, grad_tol=1e-10)
 
 
 def test_choose_tile_takes_7x7_tiles_where_they_need_far_fewer_positions():
