@@ -323,8 +323,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
   # ssl_jax.lowering checks that an accelerator's step has none.
   with jax.named_scope(CPU_ROUTE_SCOPE):
     if winograd_tiles and winograd.supports(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
-      out_hw = tuple(lhs.shape[1 + i] + sum(pads[i]) - 2 for i in range(2))
-      return winograd.conv3x3(lhs, rhs, pads, winograd.choose_tile(out_hw, winograd_tiles))
+      tile = winograd.choose_tile(winograd.output_hw(lhs.shape, pads), winograd_tiles)
+      return winograd.conv3x3(lhs, rhs, pads, tile)
     return conv2d(lhs, rhs, strides, pads)
 
 

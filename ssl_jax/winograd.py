@@ -214,7 +214,8 @@ def _batched_matmul(a: Array, b: Array, contract_a: int, contract_b: int) -> Arr
   return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))))
 
 
-def _out_hw(x_shape, pads):
+def output_hw(x_shape, pads):
+  """(Ho, Wo) of a 3x3 stride-1 convolution of x_shape [B, H, W, C] with explicit pads."""
   return tuple(x_shape[1 + i] + pads[i][0] + pads[i][1] - KERNEL + 1 for i in range(2))
 
 
@@ -231,7 +232,7 @@ def supports(x_shape, w_shape, strides, pads, dtype) -> bool:
   return (kh == kw == KERNEL and tuple(strides) == (1, 1)
           and min(p for pair in pads for p in pair) >= 0
           and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-          and min(c, o) >= 8 and min(_out_hw(x_shape, pads)) >= 1)
+          and min(c, o) >= 8 and min(output_hw(x_shape, pads)) >= 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -250,7 +251,7 @@ def conv3x3(x: Array, w: Array, pads: tuple[tuple[int, int], tuple[int, int]],
 
 def _fwd(x, w, pads, tile=TILE):
   t = TRANSFORMS[tile]
-  out_hw = _out_hw(x.shape, pads)
+  out_hw = output_hw(x.shape, pads)
   v = _input_transform(x, pads, out_hw, t)
   u = _filter_transform(w, t)
   y = _output_transform(_batched_matmul(v, u, 2, 1), x.shape[0], out_hw, t)
