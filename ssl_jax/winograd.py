@@ -121,7 +121,6 @@ def _transform(points) -> Transform:
 
 TRANSFORMS = {4: _transform(POINTS), 7: _transform(POINTS_7)}
 assert all(TRANSFORMS[m].tile == m for m in TILES)
-N = TRANSFORMS[TILE].n       # input tile side of F(4x4, 3x3) (6)
 
 
 def choose_tile(out_hw, tiles: Sequence[int] = TILES) -> int:
