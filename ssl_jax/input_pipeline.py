@@ -513,7 +513,7 @@ def pretrain_dataset(name: str, *, local_batch: int, seed: int, start_step: int 
   else:
     ds = tf.data.Dataset.zip(tuple(streams)).map(
         lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return without_autotune_model(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def _shard_stream(name: str, split, *, batch: int, seed: int, start_step: int,
@@ -551,7 +551,7 @@ def _shard_stream(name: str, split, *, batch: int, seed: int, start_step: int,
       view_b = _host_random_crop(image, size, host_crop_scale, host_crop_ratio, s + 7)
       return {'image': view_a, 'view_b': view_b, 'label': example['label']}
 
-    ds = ds.enumerate(start=position).map(crops, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.enumerate(start=position).map(crops, num_parallel_calls=host_parallelism())
   else:
     ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   ds = ds.map(lambda ex: {**ex, 'label': tf.cast(ex['label'], tf.int32)})
@@ -573,7 +573,7 @@ def eval_dataset(name: str, split: str, *, local_batch: int, process_index: int 
   if spec.variable_size:
     ds = ds.map(lambda ex: {'image': _host_center_crop(_encode_if_raw(ex['image']),
                                                        spec.image_size),
-                            'label': ex['label']}, num_parallel_calls=tf.data.AUTOTUNE)
+                            'label': ex['label']}, num_parallel_calls=host_parallelism())
   ds = ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32),
                           'mask': True})
   ds = ds.batch(local_batch, drop_remainder=False)
@@ -583,7 +583,31 @@ def eval_dataset(name: str, split: str, *, local_batch: int, process_index: int 
     return {k: tf.pad(v, [[0, missing]] + [[0, 0]] * (len(v.shape) - 1))
             for k, v in batch.items()}
 
-  return ds.map(pad).prefetch(tf.data.AUTOTUNE)
+  return without_autotune_model(ds.map(pad).prefetch(tf.data.AUTOTUNE))
+
+
+def host_parallelism() -> int:
+  """Parallel calls for the host's map stages: the CPU cores this process may use."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def without_autotune_model(ds):
+  """ds without tf.data's autotuning model thread (options.autotune.enabled = False).
+
+  Why: deleting an iterator of an autotuned pipeline waits for that thread,
+  which sleeps between optimisations for a period that doubles up to 60 s and
+  is not woken by the deletion (TF 2.21). A run's pretraining iterator lives
+  for the whole run, so its deletion at the end held the process 0-60 s after
+  the summary was printed (27 s in /tmp reproductions; "imports and process
+  start" of 17-61 s in benchmarks/default_run.py). The knobs it tuned are set
+  instead: map stages run host_parallelism() calls, and prefetch(AUTOTUNE)
+  keeps its own buffer tuner, which needs no model thread. On Fashion-MNIST
+  the pipelines' throughput did not change (docs/speed.md).
+  """
+  import tensorflow as tf
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
 
 
 # ----------------------------------------------------------------------------

@@ -130,6 +130,21 @@ def test_eval_dataset_pads_the_last_batch():
   assert not batches[-1]['mask'][1000:].any()
 
 
+@pytest.mark.parametrize('name', ['fashion_mnist', 'imagenet2012'])
+def test_pipelines_run_without_the_autotune_model_thread(name):
+  # Deleting an autotuned iterator waits for tf.data's model thread, which
+  # sleeps up to 60 s and is not woken by the deletion: the end of every run
+  # waited for it (input_pipeline.without_autotune_model). Both kinds of
+  # pipeline, fixed-size and host-cropped, switch it off.
+  spec = input_pipeline.get_spec(name)
+  with tfds.testing.mock_data(num_examples=24):
+    pretrain = input_pipeline.pretrain_dataset(name, local_batch=8, seed=0)
+    evals = input_pipeline.eval_dataset(name, spec.test_split, local_batch=16)
+    for ds in (pretrain, evals):
+      assert ds.options().autotune.enabled is False
+      assert next(iter(ds.as_numpy_iterator()))['image'].shape[0] in (8, 16)
+
+
 def test_batch_not_divisible_by_devices():
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match='multiple of the device count 8.*batch_size'):

@@ -181,6 +181,7 @@ def dataset(folder: Folder, split: Union[str, Shard], *, image_size: int,
   file's path, with_ids) of a split or a Shard of one; decode_images=False leaves
   'image' out (the hold-out needs ids and labels only)."""
   import tensorflow as tf
+  from ssl_jax import input_pipeline   # here: input_pipeline imports this module
   shard = split if isinstance(split, Shard) else Shard(split, 0, 1)
   if shard.split not in folder.files:
     raise ImageFolderError(f'{folder.root} has no {shard.split}/ split.')
@@ -202,7 +203,11 @@ def dataset(folder: Folder, split: Union[str, Shard], *, image_size: int,
       example['image'] = _resize_centre_crop(image, image_size)
     return example
 
-  return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Decoding runs in parallel on every core this process may use; the
+  # pipelines that read this one switch tf.data's autotuning off
+  # (input_pipeline.without_autotune_model).
+  return ds.map(load, num_parallel_calls=input_pipeline.host_parallelism(),
+                deterministic=True)
 
 
 def _resize_centre_crop(image, size: int):
