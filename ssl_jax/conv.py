@@ -21,8 +21,8 @@ Routes (`model.conv_route`):
   (ssl_jax/winograd.py: 4x fewer matmul FLOPs), every other layer by im2col;
 - 'winograd7': the same with F(7x7, 3x3) where the output is 7x7 or 14x14
   (`winograd.choose_tile`): the default run 1.18x faster, 25x more round-off,
-  and accuracy over five paired seeds that does not exclude a 0.3-point loss
-  (docs/speed.md), so opt-in;
+  and over eight paired seeds kNN-20 accuracy -0.16 +- 0.16 points, an
+  interval that does not exclude a 0.3-point loss (docs/speed.md), so opt-in;
 - 'im2col': every layer by im2col;
 - 'lax': `lax.conv_general_dilated`, the choice on GPU and TPU (cuDNN, the
   TPU's convolution units); 'auto' picks by backend.

@@ -42,8 +42,8 @@ and about 2e-3 for bfloat16 operands (TPU's default matmul precision).
 `choose_tile` takes F(7x7) only where it needs at least 1.5x fewer positions
 than F(4x4) (7x7 and 14x14 outputs), and only on the opt-in route 'winograd7'
 (ssl_jax/conv.py): it made the default run 1.18x faster, with linear accuracy
-+0.01 +- 0.40 points and kNN-20 -0.19 +- 0.26 over five paired seeds
-(docs/speed.md): a 0.3-point loss is not excluded, so it is not the default.
++0.01 +- 0.25 points and kNN-20 -0.16 +- 0.16 over eight paired seeds
+(docs/speed.md): a 0.3-point kNN-20 loss is not excluded, so it is not the default.
 """
 
 from __future__ import annotations
