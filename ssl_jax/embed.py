@@ -59,7 +59,8 @@ def embed(workdir: str, split: str, out: str, batch_size: int = 1000) -> dict:
   loaded = runs.load_workdir(workdir)
   config, run, mesh, state = loaded.config, loaded.run, loaded.mesh, loaded.state
   spec, graphdef, image_size = run.spec, run.graphdef, run.image_size
-  feature_fn = evaluate.make_feature_fn(graphdef, image_size, spec.mean, spec.std)
+  feature_fn = evaluate.make_feature_fn(graphdef, image_size, spec.mean, spec.std,
+                                        config.model.get('conv_route', 'auto'))
   dataset = input_pipeline.eval_dataset(
       config.data.name, split, local_batch=input_pipeline.local_batch_size(batch_size, mesh),
       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -31,18 +31,30 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssl_jax import augment
+from ssl_jax import conv
 from ssl_jax import estimators
 from ssl_jax import input_pipeline
 from ssl_jax import models
 from ssl_jax import train_step as train_step_lib
 
 
-def make_feature_fn(graphdef, image_size: int, mean, std) -> Callable:
-  """jitted (params, batch_stats, uint8 images [B, H, W, C]) -> features [B, F]."""
+def make_feature_fn(graphdef, image_size: int, mean, std,
+                    conv_route: str = 'auto') -> Callable:
+  """jitted (params, batch_stats, uint8 images [B, H, W, C]) -> features [B, F].
+
+  conv_route: the model's training route (model.conv_route); the features
+  take `conv.inference_function(conv_route)`, the route fastest forward.
+  """
+  inference_conv = conv.inference_function(conv_route)
 
   @jax.jit
   def features(params, batch_stats, images):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    # A layer's route is how it computes, not what: parameters and outputs (up
+    # to round-off) are the same, so the merged copy's layers can swap theirs.
+    for _, module in nnx.iter_modules(model.encoder):
+      if isinstance(module, nnx.Conv):
+        module.conv_general_dilated = inference_conv
     x = augment.eval_view(images, out_size=image_size, mean=mean, std=std)
     return model.encoder(x, train=False).astype(jnp.float32)
 
@@ -321,7 +333,8 @@ def make_online_test_eval(config, run, mesh, feature_fn, splits: Optional[Callab
 
 
 # Bump when the probes' protocol changes, so that cached baselines are recomputed.
-BASELINE_PROTOCOL = 1
+# 2: frozen features by conv.inference_function (round-off differs from 1's).
+BASELINE_PROTOCOL = 2
 
 
 def cache_dir() -> str:
@@ -347,7 +360,6 @@ def data_identity(data_config) -> dict[str, Any]:
 
 def baseline_key(config, run) -> dict[str, Any]:
   """Everything the baselines' numbers depend on: data, evaluation, model, seed, backend."""
-  from ssl_jax import conv
   ev = config.eval
   return {
       'protocol': BASELINE_PROTOCOL, 'dataset': config.data.name,

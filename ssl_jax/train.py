@@ -154,7 +154,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
 
   step_fn = make_step_fn(run, config, mesh)
   # One jitted feature extractor for the online test evaluation and the final one.
-  feature_fn = evaluate.make_feature_fn(graphdef, run.image_size, spec.mean, spec.std)
+  feature_fn = evaluate.make_feature_fn(graphdef, run.image_size, spec.mean, spec.std,
+                                        config.model.get('conv_route', 'auto'))
   # Each evaluation split decoded once for the run (the online probe's and the final passes).
   eval_splits = evaluate.SplitsInMemory(config, mesh)
 

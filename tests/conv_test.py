@@ -337,3 +337,28 @@ def test_encoders_give_the_same_outputs_and_gradients_on_every_route(name, stem,
     scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_lax))
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_lax)):
       np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9 * scale)
+
+
+def test_frozen_features_take_the_route_fastest_forward_and_equal_lax_conv():
+  assert conv.inference_function('lax') is lax.conv_general_dilated
+  for route in ('winograd', 'winograd7', 'im2col'):
+    assert conv.inference_function(route) is conv.conv_general_dilated_inference
+  # Per layer: the 1-channel stem by lax.conv, 3x3 stride 1 by Winograd (F(7x7)
+  # at 7x7), stride 2 by im2col; each equal to lax.conv in float64.
+  layers = [((2, 28, 28, 1), (3, 3, 1, 32), 1, 'conv_general_dilated'),
+            ((2, 28, 28, 32), (3, 3, 32, 64), 2, 'ssl_jax_cpu_conv_route'),
+            ((2, 7, 7, 128), (3, 3, 128, 512), 1, 'ssl_jax_cpu_conv_route')]
+  with jax.enable_x64(True):
+    for x_shape, w_shape, stride, marker in layers:
+      x = jax.random.normal(jax.random.key(1), x_shape, jnp.float64)
+      w = jax.random.normal(jax.random.key(2), w_shape, jnp.float64)
+      args = ((stride, stride), 'SAME')
+      kwargs = dict(dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      ours = jax.jit(lambda x, w: conv.conv_general_dilated_inference(x, w, *args, **kwargs))
+      want = lax.conv_general_dilated(x, w, *args, **kwargs)
+      np.testing.assert_allclose(ours(x, w), want, rtol=1e-10, atol=1e-10)
+      text = ours.lower(x, w).as_text()
+      if marker == 'conv_general_dilated':
+        assert 'stablehlo.convolution' in text and conv.CPU_ROUTE_SCOPE not in text
+      else:
+        assert 'stablehlo.convolution' not in text
