@@ -373,6 +373,44 @@ def data_identity(data_config) -> dict[str, Any]:
   return identity
 
 
+def raw_pixel_bytes(config, spec, image_size: int) -> Optional[int]:
+  """Host memory the raw-pixel baseline keeps for its train split, or None if unknown.
+
+  The baseline's probes need the whole train split's normalised pixels as
+  float32 [M, H * W * C] in host memory. M is known here where the probes
+  train on the pretraining split (every built-in dataset but STL-10), capped by
+  eval.max_train_examples.
+  """
+  if spec.train_split != spec.pretrain_split or not spec.num_pretrain_examples:
+    return None
+  count = spec.num_pretrain_examples
+  if config.eval.max_train_examples:
+    count = min(count, config.eval.max_train_examples)
+  return count * image_size * image_size * spec.channels * 4
+
+
+def check_baselines_fit(config, spec, image_size: int,
+                        memory_bytes: Optional[int] = None) -> None:
+  """Refuses, before any training, a raw-pixel baseline larger than half the host's memory.
+
+  Without this a pod run with eval.baselines=True on ImageNet (1.28M images
+  at 224x224x3: 770 GB of float32 pixels) would train for days and then fail
+  in its final evaluation.
+  """
+  if not (config.eval.enabled and config.eval.baselines):
+    return
+  needed = raw_pixel_bytes(config, spec, image_size)
+  if memory_bytes is None:
+    memory_bytes = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  if needed is not None and needed > memory_bytes // 2:
+    raise ValueError(
+        f'eval.baselines=True keeps the raw pixels of the train split in host memory: '
+        f'{needed / 2**30:,.0f} GiB for {config.data.name} at {image_size}x{image_size}, more '
+        f'than half of this host\'s {memory_bytes / 2**30:,.0f} GiB. Set '
+        '--config.eval.baselines=False, or cap the probes\' train split with '
+        '--config.eval.max_train_examples=N.')
+
+
 def baseline_key(config, run) -> dict[str, Any]:
   """Everything the baselines' numbers depend on: data, evaluation, model, seed, backend."""
   ev = config.eval

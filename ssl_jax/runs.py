@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from ssl_jax import augment
+from ssl_jax import evaluate
 from ssl_jax import input_pipeline
 from ssl_jax import models
 from ssl_jax import objectives
@@ -95,6 +96,8 @@ def build(config, mesh, *, abstract: bool = False) -> Run:
   warmup_steps = steps_from(config, 'warmup', spec.num_pretrain_examples, global_batch)
   if total_steps <= 0:
     raise ValueError('Nothing to train: set total_epochs or total_steps > 0.')
+  # Before any training: a final evaluation that cannot fit fails now, not after the run.
+  evaluate.check_baselines_fit(config, spec, config.data.get('image_size') or spec.image_size)
   views = augment.views_from_config(config.aug.preset, config.aug.view_a, config.aug.view_b)
   # The objective's terms decide which networks exist (predictor, EMA target).
   objective = objectives.build_objective(config.loss.terms)

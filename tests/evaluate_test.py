@@ -435,3 +435,38 @@ def test_the_baseline_key_holds_what_the_baselines_depend_on_and_nothing_else():
   # A data_dir is named by its absolute path (~ expanded), so that two spellings agree.
   home = key(**{'data.data_dir': '~/data'})['data']['data_dir']
   assert home == os.path.join(os.path.expanduser('~'), 'data')
+
+
+def test_a_raw_pixel_baseline_larger_than_half_the_memory_is_refused_before_training(tmp_path):
+  import importlib
+  from ssl_jax import input_pipeline
+  gib = 2 ** 30
+  imagenet = importlib.import_module('configs.vicreg_it').get_config('imagenet')
+  imagenet.eval.baselines = True
+  spec = input_pipeline.DATASETS['imagenet2012']
+  # 1,281,167 images x 224 x 224 x 3 float32 values: the pixels' size, computed apart.
+  assert evaluate.raw_pixel_bytes(imagenet, spec, 224) == 1_281_167 * 150_528 * 4
+  with pytest.raises(ValueError, match=r'raw pixels.*718 GiB.*eval.baselines=False'):
+    evaluate.check_baselines_fit(imagenet, spec, 224, memory_bytes=256 * gib)
+  # The fixes the message names: a capped train split fits, no baselines need nothing.
+  imagenet.eval.max_train_examples = 10_000            # 5.6 GiB
+  evaluate.check_baselines_fit(imagenet, spec, 224, memory_bytes=16 * gib)
+  with pytest.raises(ValueError, match='more than half'):
+    evaluate.check_baselines_fit(imagenet, spec, 224, memory_bytes=8 * gib)
+  imagenet.eval.baselines = False
+  evaluate.check_baselines_fit(imagenet, spec, 224, memory_bytes=gib)
+  # Fashion-MNIST's 60,000 x 784 pixels are 188 MB; STL-10 probes on another split: unknown.
+  fmnist = importlib.import_module('configs.vicreg_it').get_config()
+  assert evaluate.raw_pixel_bytes(fmnist, input_pipeline.DATASETS['fashion_mnist'],
+                                  28) == 60_000 * 784 * 4
+  evaluate.check_baselines_fit(fmnist, input_pipeline.DATASETS['fashion_mnist'], 28)
+  assert evaluate.raw_pixel_bytes(fmnist, input_pipeline.DATASETS['stl10'], 96) is None
+  # From the command line, before any dataset or parameter: the pod config with baselines on.
+  from ssl_jax import cli
+  from ssl_jax import main as main_lib
+  argv = ['ssl_jax.main', '--config=configs/vicreg_it.py:imagenet', '--dry_run',
+          f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}',
+          '--config.eval.baselines=True']
+  with pytest.raises(ValueError, match='eval.baselines=True keeps the raw pixels'):
+    main_lib.dry_run(cli.parse_command(main_lib.define_flags, argv))
+  assert not (tmp_path / 'run').exists()
