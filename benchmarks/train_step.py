@@ -50,6 +50,7 @@ import numpy as np
 
 from ssl_jax import allocator
 from ssl_jax import input_pipeline
+from ssl_jax import lapack_threads
 from ssl_jax import runs
 from ssl_jax import sharding
 from ssl_jax import train
@@ -129,10 +130,15 @@ def worker(setting: str, route: str) -> None:
   """Builds one contender, then times `N` steps for every line `N` on stdin."""
   if route == 'torch':
     import torch_step  # pylint: disable=g-import-not-at-top  (benchmarks/, optional torch)
-    contender, flops = torch_step.TorchStep(_config(setting, 'lax')), float('nan')
+    _serve(torch_step.TorchStep(_config(setting, 'lax')), float('nan'))
   else:
-    contender = JaxStep(_config(setting, route))
-    flops = contender.flops
+    # As in ssl_jax.train's loop: one OpenBLAS thread for the step's LAPACK calls.
+    with lapack_threads.one_thread():
+      contender = JaxStep(_config(setting, route))
+      _serve(contender, contender.flops)
+
+
+def _serve(contender, flops: float) -> None:
   print(_MESSAGE + json.dumps({'flops': flops, 'batch_size': contender.batch_size,
                                'tcmalloc': allocator.tcmalloc_loaded()}), flush=True)
   for line in sys.stdin:

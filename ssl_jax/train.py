@@ -26,6 +26,7 @@ from ssl_jax import checkpointing
 from ssl_jax import diagnostics
 from ssl_jax import evaluate
 from ssl_jax import input_pipeline
+from ssl_jax import lapack_threads
 from ssl_jax import metrics as metrics_lib
 from ssl_jax import runs
 from ssl_jax import sharding
@@ -201,7 +202,10 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
 
     timer.add('start-up', time.time() - start_time)
     loop_start = time.perf_counter()
-    with StopRequest().installed() as stop, bar:
+    # One OpenBLAS thread while steps run: jaxlib's LAPACK calls (the log-det's
+    # Cholesky, the effective rank's SVD) otherwise leave OpenBLAS threads
+    # spinning on the cores XLA's step runs on (ssl_jax/lapack_threads.py).
+    with StopRequest().installed() as stop, bar, lapack_threads.one_thread():
       step = start_step
       while step < min(stop_at, total_steps):
         batch = next(batches)
