@@ -22,7 +22,7 @@ Speeds are compared only within one run on one machine: the contenders are
 timed in alternating rounds (`--steps` steps each, one worker at a time,
 the others idle) and the median seconds per step of each is reported, so a
 machine that slows down or speeds up during the run affects all alike. The
-step's FLOPs come from XLA's cost analysis of the lax route's compiled step
+step's FLOPs come from XLA's cost analysis of the lax route's lowered step
 (the model FLOPs; im2col does the same arithmetic, Winograd fewer
 multiplies for the same result, so its utilisation is an effective one, as
 for every fast convolution algorithm); the peak is a measured
@@ -89,24 +89,42 @@ def cpu_name() -> str:
   return fields['model name']
 
 
+def _random_batch(run, mesh):
+  """One fixed batch of random uint8 images and labels of the run's dataset shape."""
+  spec, rng = run.spec, np.random.default_rng(0)
+  size = spec.image_size
+  return input_pipeline.to_global(
+      {'image': rng.integers(0, 256, (run.global_batch, size, size, spec.channels),
+                             dtype=np.uint8),
+       'label': rng.integers(0, spec.num_classes, run.global_batch).astype(np.int32)}, mesh)
+
+
+def _built_step(config):
+  mesh = sharding.make_mesh()
+  config.log_every_steps = 10 ** 9  # no effective-rank SVD in the timed steps
+  run = runs.build(config, mesh)
+  return run, train.make_step_fn(run, config, mesh), _random_batch(run, mesh)
+
+
+def model_flops(setting: str) -> float:
+  """FLOPs of one step of `setting` by XLA's cost analysis of the lax.conv route.
+
+  Lowered only, not compiled or run, so it is cheap and every contender's
+  utilisation counts the same model FLOPs: a Winograd step's own count is
+  smaller (fewer multiplies for the same result).
+  """
+  run, step, batch = _built_step(_config(setting, 'lax'))
+  cost = step.lower(run.state, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan')))
+
+
 class JaxStep:
   """A jitted training step of `config` on one fixed random batch."""
 
   def __init__(self, config):
-    mesh = sharding.make_mesh()
-    config.log_every_steps = 10 ** 9  # no effective-rank SVD in the timed steps
-    run = runs.build(config, mesh)
-    self.step = train.make_step_fn(run, config, mesh)
-    spec, self.batch_size = run.spec, run.global_batch
-    rng = np.random.default_rng(0)
-    size = spec.image_size
-    self.batch = input_pipeline.to_global(
-        {'image': rng.integers(0, 256, (self.batch_size, size, size, spec.channels),
-                               dtype=np.uint8),
-         'label': rng.integers(0, spec.num_classes, self.batch_size).astype(np.int32)}, mesh)
-    cost = self.step.lower(run.state, self.batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.flops = float(cost.get('flops', float('nan')))
+    run, self.step, self.batch = _built_step(config)
+    self.batch_size = run.global_batch
     self.state = run.state
     self.time(1)  # compile and warm up
 
@@ -143,8 +161,7 @@ def worker(setting: str, route: str) -> None:
   else:
     # As in ssl_jax.train's loop: one OpenBLAS thread for the step's LAPACK calls.
     with lapack_threads.one_thread():
-      contender = JaxStep(_config(setting, route))
-      _serve(contender, contender.flops)
+      _serve(JaxStep(_config(setting, route)), model_flops(setting))
 
 
 def _serve(contender, flops: float) -> None:
@@ -233,7 +250,7 @@ def main():
         contenders[name] = Worker(setting, route, malloc)
         contenders[name].time(1)   # warm up
       flops = flops_of[setting] = next(c.flops for c in contenders.values()
-                                       if c.flops == c.flops)  # any JAX step's cost analysis
+                                       if c.flops == c.flops)  # any JAX worker's model_flops
       seconds = alternate(contenders, args.rounds, args.steps)
     finally:
       for contender in contenders.values():
