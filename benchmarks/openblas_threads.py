@@ -35,7 +35,6 @@ def main():
         f'tcmalloc {allocator.tcmalloc_loaded()}')
   step = train_step.JaxStep(train_step._config('cnn512', 'winograd'))  # pylint: disable=protected-access
   step.time(2)  # compiled and warm
-  lapack_threads._load_lapack()  # pylint: disable=protected-access
   print('OpenBLAS libraries and their thread counts:', lapack_threads.thread_counts())
   seconds = {'as loaded': [], 'one thread': []}
   for _ in range(args.rounds):

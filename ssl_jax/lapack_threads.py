@@ -70,13 +70,17 @@ def _controls(path: str):
   return None
 
 
+def _controlled() -> dict[str, tuple]:
+  """{path: (set_num_threads, get_num_threads)} of every OpenBLAS loaded in this
+  process, after loading the one jaxlib's linear algebra will call."""
+  _load_lapack()
+  return {path: controls for path in loaded_openblas()
+          if (controls := _controls(path)) is not None}
+
+
 def thread_counts() -> dict[str, int]:
-  """{path: threads} of every OpenBLAS loaded in this process."""
-  counts = {}
-  for path in loaded_openblas():
-    if (controls := _controls(path)) is not None:
-      counts[path] = controls[1]()
-  return counts
+  """{path: threads} of every OpenBLAS loaded in this process (SciPy's included)."""
+  return {path: get() for path, (_, get) in _controlled().items()}
 
 
 @contextlib.contextmanager
@@ -85,14 +89,12 @@ def one_thread() -> Iterator[dict[str, int]]:
 
   Yields {path: previous thread count} of the libraries it changed.
   """
-  _load_lapack()
-  previous = {}
-  for path in loaded_openblas():
-    if (controls := _controls(path)) is not None:
-      previous[path] = controls[1]()
-      controls[0](1)
+  controlled = _controlled()
+  previous = {path: get() for path, (_, get) in controlled.items()}
+  for set_threads, _ in controlled.values():
+    set_threads(1)
   try:
     yield previous
   finally:
-    for path, count in previous.items():
-      _controls(path)[0](count)
+    for path, (set_threads, _) in controlled.items():
+      set_threads(previous[path])

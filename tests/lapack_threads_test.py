@@ -9,7 +9,6 @@ from ssl_jax import lapack_threads
 
 
 def _needs_openblas():
-  lapack_threads._load_lapack()
   if not lapack_threads.thread_counts():
     pytest.skip('no OpenBLAS with a thread control is loaded in this process')
 
