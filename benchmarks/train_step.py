@@ -157,15 +157,15 @@ def worker(setting: str, route: str) -> None:
   """Builds one contender, then times `N` steps for every line `N` on stdin."""
   if route == 'torch':
     import torch_step  # pylint: disable=g-import-not-at-top  (benchmarks/, optional torch)
-    _serve(torch_step.TorchStep(_config(setting, 'lax')), float('nan'))
+    _serve(torch_step.TorchStep(_config(setting, 'lax')))
   else:
     # As in ssl_jax.train's loop: one OpenBLAS thread for the step's LAPACK calls.
     with lapack_threads.one_thread():
-      _serve(JaxStep(_config(setting, route)), model_flops(setting))
+      _serve(JaxStep(_config(setting, route)))
 
 
-def _serve(contender, flops: float) -> None:
-  print(_MESSAGE + json.dumps({'flops': flops, 'batch_size': contender.batch_size,
+def _serve(contender) -> None:
+  print(_MESSAGE + json.dumps({'batch_size': contender.batch_size,
                                'tcmalloc': allocator.tcmalloc_loaded()}), flush=True)
   for line in sys.stdin:
     print(_MESSAGE + json.dumps({'seconds': contender.time(int(line))}), flush=True)
@@ -191,7 +191,7 @@ class Worker:
     ready = self._read()
     if ready['tcmalloc'] != (malloc == 'tcmalloc'):
       raise SystemExit(f'{self.name}: the worker did not start with {malloc}.')
-    self.flops, self.batch_size = ready['flops'], ready['batch_size']
+    self.batch_size = ready['batch_size']
 
   def _read(self) -> dict:
     for line in self.process.stdout:
@@ -243,14 +243,14 @@ def main():
   rows, flops_of = [], {}
   for setting in (['default'] + (['cnn512'] if args.cnn512 else [])
                   + (['resnet18'] if args.resnet else [])):
+    # Once per setting, here: every contender's utilisation counts these FLOPs.
+    flops = flops_of[setting] = model_flops(setting)
     contenders = {}
     try:
       for name in names:
         route, malloc = name.split('/')
         contenders[name] = Worker(setting, route, malloc)
         contenders[name].time(1)   # warm up
-      flops = flops_of[setting] = next(c.flops for c in contenders.values()
-                                       if c.flops == c.flops)  # any JAX worker's model_flops
       seconds = alternate(contenders, args.rounds, args.steps)
     finally:
       for contender in contenders.values():
