@@ -117,7 +117,8 @@ def get_config(method: str, arg=None) -> ml_collections.ConfigDict:
   c.checkpoint_strict = False
   c.stop_at_step = 0   # > 0: stop there with a checkpoint, as if pre-empted
   # online_every_steps: the online probe's test accuracy is measured at logged
-  # steps that are multiples of it (and at the end), on the first
+  # steps that are multiples of it and at the end (a multiple less than one log
+  # interval before the end is skipped: metrics.periodic_due), on the first
   # online_max_examples test images (0: all); 0 turns it off. The final
   # evaluation measures it on the whole test split. Every 100 steps on 2,000
   # images keeps this periodic work, with the diagnostics below, under 5% of

@@ -222,7 +222,7 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
           scalars = metrics_lib.to_host_scalars(jax.device_get(step_metrics))
           scalars['images_per_sec'] = throughput.rate()
           every = config.eval.online_every_steps
-          if every > 0 and (step % every == 0 or step == total_steps):
+          if metrics_lib.periodic_due(step, every, total_steps, config.log_every_steps):
             with timer.section('online probe evaluation'):
               scalars['probe_test_acc'] = online_test(state)
             throughput.rate()  # restart the clock: evaluation is not training throughput

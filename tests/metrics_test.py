@@ -115,3 +115,19 @@ def test_a_failed_event_rebuild_is_an_oserror(tmp_path, monkeypatch):
     metrics.MetricWriter(str(tmp_path), resume_step=1)
   import errno
   assert error.value.errno == errno.ENOSPC
+
+
+def test_periodic_work_runs_at_multiples_and_the_end_but_not_twice_at_the_end():
+  def due(total, every, log_every):
+    logged = [s for s in range(1, total + 1) if s % log_every == 0 or s == total]
+    return [s for s in logged if metrics.periodic_due(s, every, total, log_every)]
+
+  # The default run: 305 steps, every 100, logged every 10. Step 300 is five
+  # steps before the end, whose measurement stands for it.
+  assert due(305, 100, 10) == [100, 200, 305]
+  # A run ending on a multiple measures it once; one ending a log interval or
+  # more after a multiple keeps both.
+  assert due(300, 100, 10) == [100, 200, 300]
+  assert due(310, 100, 10) == [100, 200, 300, 310]
+  assert due(3, 2, 1) == [2, 3]   # the smoke config
+  assert due(305, 0, 10) == []    # off

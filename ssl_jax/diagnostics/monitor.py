@@ -8,13 +8,16 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import estimators
+from ssl_jax import metrics as metrics_lib
 from ssl_jax.diagnostics.workdir import REPRESENTATIONS
 from ssl_jax.diagnostics.workdir import Network
 from ssl_jax.diagnostics.workdir import fixed_images
 
 
 def make_training_monitor(config, run, mesh) -> Optional[Callable[[int, Any], dict]]:
-  """(step, state) -> {'diag/...': value} at multiples of diagnostics.every_steps.
+  """(step, state) -> {'diag/...': value} every diagnostics.every_steps and at the end.
+
+  When it measures: metrics.periodic_due (the online probe's rule too).
 
   On a fixed batch of diagnostics.num_images evaluation images with two fixed
   augmented views, for the encoder features and the projector output: the
@@ -53,7 +56,7 @@ def make_training_monitor(config, run, mesh) -> Optional[Callable[[int, Any], di
     return scalars
 
   def monitor(step: int, state) -> dict[str, float]:
-    if step % every and step != run.total_steps:
+    if not metrics_lib.periodic_due(step, every, run.total_steps, config.log_every_steps):
       return {}
     return {k: float(v) for k, v in
             jax.device_get(cheap(state.params, state.batch_stats, x_a, x_b)).items()}
