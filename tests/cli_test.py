@@ -165,3 +165,20 @@ def test_a_command_ends_on_bad_input_with_one_line_and_the_status_asked(capsys):
   with pytest.raises(SystemExit) as stopped:
     cli.exit_with_error('ssl_jax.experiments', 'bad flag', 2)
   assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize('threshold, stored', [(None, True), ('3600', False)])
+def test_the_compilation_cache_stores_small_programs_unless_a_threshold_is_set(
+    tmp_path, threshold, stored):
+  # A program compiling in milliseconds is stored (a second run reads it back);
+  # the user's JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 'SSL_JAX_CACHE_DIR')}
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'jax')
+  if threshold is not None:
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = threshold
+  code = ('from ssl_jax import main; main.enable_compilation_cache(); import jax; '
+          'jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(2.0))')
+  subprocess.run([sys.executable, '-c', code], env=env, check=True, timeout=120)
+  entries = os.listdir(tmp_path / 'jax') if (tmp_path / 'jax').exists() else []
+  assert bool([e for e in entries if 'lambda' in e]) == stored, entries
