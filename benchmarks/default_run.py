@@ -14,8 +14,11 @@ the contenders, so that a drifting machine affects them alike. One run is
 in that worktree, timed from outside (wall clock, the process's start-up and
 imports included), with the float32 matmul rate measured right before it.
 Caches start empty in every run (a fresh JAX compilation cache and baseline
-cache), as on a new machine; --warm keeps one cache per contender across its
-rounds instead, which times a second run or a resume.
+cache), as on a new machine. --warm keeps one cache per contender across its
+rounds instead: emptied before its first round, which is timed as a first run,
+then kept, so that the later rounds time a second run or a resume (a revision
+without caches runs as on a first run every time). The table then has a row
+for each: the first run, and the median of the later ones.
 
 --evaluation_only times the final evaluation alone, with less noise than a
 whole run: each contender pretrains once (under --root, kept for later
@@ -115,6 +118,19 @@ def pretrained_run(entry, root):
   return workdir
 
 
+def run_groups(result):
+  """(contender, entry, kind, runs): all runs, or with --warm the first run and the later ones."""
+  for name, entry in result['contenders'].items():
+    if not result['warm']:
+      if entry['runs']:
+        yield name, entry, '', entry['runs']
+      continue
+    for kind, caches in ((' (first run)', 'empty'), (' (later runs)', 'kept')):
+      runs = [r for r in entry['runs'] if r.get('caches', 'kept') == caches]
+      if runs:
+        yield name, entry, kind, runs
+
+
 def markdown(result):
   if result.get('evaluation_only'):
     what = ('The final evaluation alone', '`python -m ssl_jax.main --config=configs/vicreg_it.py '
@@ -124,32 +140,30 @@ def markdown(result):
             '`python -m ssl_jax.main --config=configs/vicreg_it.py` in a worktree of the revision')
   lines = [f'# {what[0]} ({result["cpu"]})', '',
            f'`python benchmarks/default_run.py {" ".join(result["argv"])}`; each run is '
-           f'{what[1]}, caches ' + ('kept per contender (--warm)' if result['warm']
+           f'{what[1]}, caches ' + ('emptied before each contender\'s first run and kept for its '
+                                    'later runs (--warm)' if result['warm']
                                     else 'empty at every run') + '. Medians over rounds.', '',
            '| contender | commit | runs | wall (s) | vs first | linear | kNN-20 | matmul '
            'GFLOP/s |', '|---|---|---|---|---|---|---|---|']
-  first = None
-  for name, entry in result['contenders'].items():
-    runs = entry['runs']
-    if not runs:
-      continue
+  groups = list(run_groups(result))
+  first = {}
+  for name, entry, kind, runs in groups:
     wall = statistics.median(r['wall_sec'] for r in runs)
-    first = first or wall
+    first.setdefault(kind, wall)   # "vs first": against the first contender's runs of this kind
     rates = ', '.join(f'{r["gflops"]:.0f}' for r in runs)
     lines.append(
-        f'| {name} | {entry["commit"][:10]} | {len(runs)} | {wall:.0f} | {first / wall:.2f}x '
+        f'| {name}{kind} | {entry["commit"][:10]} | {len(runs)} | {wall:.0f} '
+        f'| {first[kind] / wall:.2f}x '
         f'| {100 * statistics.median(r["linear_test_acc"] for r in runs):.2f}% '
         f'| {100 * statistics.median(r["knn20_test_acc"] or 0 for r in runs):.2f}% '
         f'| {rates} |')
   lines += ['', '## Where the time goes (seconds, median over rounds)', '']
-  for name, entry in result['contenders'].items():
-    if not entry['runs']:
-      continue
-    parts = sorted({k for r in entry['runs'] for k in r['breakdown_sec']})
-    lines += [f'**{name}**', '', '| part | seconds | share |', '|---|---|---|']
-    wall = statistics.median(r['wall_sec'] for r in entry['runs'])
+  for name, entry, kind, runs in groups:
+    parts = sorted({k for r in runs for k in r['breakdown_sec']})
+    lines += [f'**{name}{kind}**', '', '| part | seconds | share |', '|---|---|---|']
+    wall = statistics.median(r['wall_sec'] for r in runs)
     for part in parts:
-      seconds = statistics.median(r['breakdown_sec'].get(part, 0.0) for r in entry['runs'])
+      seconds = statistics.median(r['breakdown_sec'].get(part, 0.0) for r in runs)
       if result.get('evaluation_only') and seconds < 0.05:
         continue   # the steps and periodic parts of a re-evaluation
       lines.append(f'| {part} | {seconds:.1f} | {100 * seconds / wall:.0f}% |')
@@ -201,13 +215,15 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
       caches = os.path.abspath(os.path.join(args.root, 'caches', entry['commit'][:10]
                                             + (f'_{round_}' if not args.warm else '')))
-      if not args.warm:
+      first_run = not args.warm or round_ == 0
+      if first_run:
         shutil.rmtree(caches, ignore_errors=True)
       gflops = step_bench.matmul_peak() / 1e9
       print(f'round {round_ + 1}/{args.rounds}: {name} ({gflops:.0f} GFLOP/s)', flush=True)
       run = run_once(entry['path'], entry['flags'] + (['--reevaluate'] if args.evaluation_only
                                                       else []), workdir, caches)
       run['gflops'] = gflops
+      run['caches'] = 'empty' if first_run else 'kept'
       entry['runs'].append(run)
       print(f'  {run["wall_sec"]:.0f} s, linear {100 * run["linear_test_acc"]:.2f}%: '
             + ', '.join(f'{k} {v:.0f}' for k, v in run['breakdown_sec'].items()), flush=True)
