@@ -139,8 +139,10 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
     state = restored
   start_step = int(jax.device_get(state.step))
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
-                                   resume_step=start_step if restored is not None else None)
+  # The rows after the restored step are redone, and so are all of them when no
+  # checkpoint was restored: a run killed before its first checkpoint left rows
+  # (and TensorBoard events) that the restart from scratch writes again.
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -131,3 +131,19 @@ def test_periodic_work_runs_at_multiples_and_the_end_but_not_twice_at_the_end():
   assert due(310, 100, 10) == [100, 200, 300, 310]
   assert due(3, 2, 1) == [2, 3]   # the smoke config
   assert due(305, 0, 10) == []    # off
+
+
+def test_a_restart_from_scratch_drops_a_killed_first_attempts_rows_and_events(tmp_path):
+  # Killed after step 2, before its first checkpoint: the restart begins at
+  # step 0 (resume_step=0) and logs steps 1-2 again, once each.
+  first = metrics.MetricWriter(str(tmp_path))
+  for step in (1, 2):
+    first.write_scalars(step, {'loss': float(step)})
+  first.flush()
+  again = metrics.MetricWriter(str(tmp_path), resume_step=0)
+  for step in (1, 2, 3):
+    again.write_scalars(step, {'loss': 10.0 * step})
+  again.flush()
+  assert [(r['step'], r['loss']) for r in rows(tmp_path / 'metrics.jsonl')] == [
+      (1, 10.0), (2, 20.0), (3, 30.0)]
+  assert sorted(event_steps(tmp_path / 'tensorboard')) == [1, 2, 3]
