@@ -317,7 +317,11 @@ def test_encoders_give_the_same_outputs_and_gradients_on_every_route(name, stem,
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (4, size, size, 3), jnp.float64)
     results = {}
-    for route in ('lax', 'im2col', 'winograd'):
+    # ResNet-50 (the Bottleneck block) against the Winograd route only, which
+    # takes im2col for its strided and 1x1 layers: each route's float64 step
+    # compiles for about 13 s of CI. ResNet-18 still checks im2col on its own.
+    routes = ('lax', 'winograd') if name == 'resnet50' else ('lax', 'im2col', 'winograd')
+    for route in routes:
       graphdef, params, stats = nnx.split(make(route), nnx.Param, nnx.BatchStat)
       params, stats = jax.tree.map(lambda a: a.astype(jnp.float64), (params, stats))
 
@@ -327,7 +331,7 @@ def test_encoders_give_the_same_outputs_and_gradients_on_every_route(name, stem,
 
       results[route] = jax.jit(jax.value_and_grad(loss))(params)
   v_lax, g_lax = results['lax']
-  for route in ('im2col', 'winograd'):
+  for route in routes[1:]:
     v_ours, g_ours = results[route]
     np.testing.assert_allclose(v_ours, v_lax, rtol=1e-10)
     # Same parameter tree on every route: checkpoints do not depend on the route.
