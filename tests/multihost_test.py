@@ -74,7 +74,7 @@ def params(workdir):
 def test_a_process_alone_fails_in_bounded_time_naming_the_coordinator():
   began = time.time()
   ports = [free_port(), free_port()]
-  alone = [start('/tmp/unused', i, ports[i], timeout=10) for i in range(2)]
+  alone = [start('/tmp/unused', i, ports[i], timeout=4) for i in range(2)]
   outs = [p.communicate(timeout=240)[0] for p in alone]
   assert all(p.returncode != 0 for p in alone)
   for i, out in enumerate(outs):

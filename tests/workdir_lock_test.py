@@ -147,6 +147,9 @@ def get_config():
 '''
 
 
+# Four process starts (runner and cell, a refused second runner, the restart):
+# about 70 s of CI, which keeps the two-trainers test above; -m slow runs it.
+@pytest.mark.slow
 def test_cells_die_with_a_killed_runner_and_a_restarted_runner_resumes_them(tmp_path):
   config = tmp_path / 'lock_test.py'
   config.write_text(EXPERIMENT)
