@@ -1,7 +1,7 @@
 """Per-layer convolution times of the default step's encoder, on every CPU route.
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
-      python benchmarks/conv_layers.py [--rounds 3] [--calls 10] [--channels 32-64-128-512]
+      python benchmarks/conv_layers.py [--rounds 3] [--calls 10] [--channels 32-64-128-512] [--parts]
 
 (tcmalloc as `python -m ssl_jax.main` runs the step, ssl_jax/allocator.py; the
 header says which allocator the process has.)
