@@ -231,6 +231,9 @@ def workdir_config(workdir: str) -> Optional[dict[str, Any]]:
     return None
 
 
+DIVERGED_LINE = 'ssl_jax.main: error: Non-finite loss'
+
+
 def diverged_result(cell: Cell, log_text: str, seconds: float, commit: str, code: str,
                     config: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
   """A result for a cell whose loss became non-finite (ssl_jax.train.NonFiniteLossError).
@@ -239,7 +242,10 @@ def diverged_result(cell: Cell, log_text: str, seconds: float, commit: str, code
   replay the same steps to the same NaN. It has no metrics and is never
   chosen; it keeps its config (from the workdir) and its provenance.
   """
-  lines = [line for line in log_text.splitlines() if 'NonFiniteLossError' in line]
+  # The command's one line (`ssl_jax.main: error: Non-finite loss ...`) or, from
+  # before it reported the error in one line, the traceback's last line.
+  lines = [line for line in log_text.splitlines()
+           if 'NonFiniteLossError' in line or line.startswith(DIVERGED_LINE)]
   if not lines:
     return None
   return {

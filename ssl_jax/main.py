@@ -227,7 +227,14 @@ def main(argv, f: Flags):
     with (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
       from ssl_jax import allocator
       from ssl_jax import input_pipeline
+      from ssl_jax import runs
       from ssl_jax import train
+      # What the run reports as the user's to fix, each in one line: a config
+      # value, a checkpoint of another config or unreadable, a full disk, a
+      # loss gone non-finite (the message says where the last good state is).
+      run_errors = (checkpointing.IncompatibleCheckpointError,
+                    checkpointing.CorruptCheckpointError,
+                    checkpointing.CheckpointWriteError, train.NonFiniteLossError)
       from ssl_jax.datasets import image_folder
       if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
         print(hint, file=sys.stderr, flush=True)
@@ -238,7 +245,13 @@ def main(argv, f: Flags):
         input_pipeline.check_prepared(config.data.name, config.data.data_dir)
       except (FileNotFoundError, image_folder.ImageFolderError) as error:
         raise DataError(error) from None
-      train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
+      try:
+        train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
+      except runs.ConfigError as error:   # found before anything was trained or written
+        cli.exit_with_error('ssl_jax.main',
+                            f'{error} (--dry_run checks a config without training)')
+      except run_errors as error:
+        cli.exit_with_error('ssl_jax.main', error)
   except (workdir_lock.WorkdirLockedError, DataError) as error:
     cli.exit_with_error('ssl_jax.main', error)
 

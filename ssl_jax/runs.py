@@ -44,6 +44,11 @@ def steps_from(config, name: str, examples_per_epoch: int, batch_size: int) -> i
   return int(math.ceil(epochs * examples_per_epoch / batch_size))
 
 
+class ConfigError(ValueError):
+  """A config value the run cannot use, found while building the run: before
+  anything is trained or written, so the command reports it in one line."""
+
+
 def check_config(config) -> None:
   """Value checks that the config's types cannot express."""
   if config.data.batch_size <= 0:

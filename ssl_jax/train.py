@@ -101,7 +101,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   not evaluated again (its summary is printed and returned) unless reevaluate.
   """
   start_time = time.time()
-  runs.check_config(config)
+  try:
+    runs.check_config(config)
+  except ValueError as error:
+    raise runs.ConfigError(error) from error
   input_pipeline.hide_accelerators_from_tensorflow()
   checkpointing.check_writable(workdir)
   # One trainer per workdir (process 0 holds the lock for a multi-host run):
@@ -124,7 +127,12 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
 
   # ---- Mesh, data, objective, model, optimiser and initial state.
   mesh = sharding.make_mesh()
-  run = runs.build(config, mesh)
+  # What fails here is a value of the config (a width, a rate, a loss term),
+  # found before anything is written: one line from the command, no traceback.
+  try:
+    run = runs.build(config, mesh)
+  except ValueError as error:
+    raise runs.ConfigError(error) from error
   spec, global_batch, total_steps = run.spec, run.global_batch, run.total_steps
   graphdef, state = run.graphdef, run.state
   local_batch = input_pipeline.local_batch_size(global_batch, mesh)

@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 from configs import common
 from ssl_jax import cli
+from ssl_jax import grid
 from ssl_jax import input_pipeline
 from ssl_jax import main as main_lib
 
@@ -155,6 +156,49 @@ def test_a_dataset_that_is_not_prepared_is_one_line_and_the_workdir_stays_empty(
   assert 'Traceback' not in done.stderr
   # Nothing but the lock file: no config.json, checkpoints or events of a run that never ran.
   assert sorted(p.name for p in workdir.iterdir()) == ['.lock']
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optim.base_lr=-1', 'optim.base_lr must be > 0, got -1.0.'),
+    ('--config.model.encoder.channels=32-64', 'channels needs 4 widths, got (32, 64).')])
+def test_a_bad_config_value_is_one_line_and_the_workdir_stays_empty(tmp_path, override, message):
+  # Values that only building the run can check (the optimiser, the encoder):
+  # before, each ended in a traceback after the message.
+  workdir = tmp_path / 'run'
+  done = subprocess.run([sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py:smoke',
+                         override, f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith('ssl_jax.main: error: '), done.stderr
+  assert message in lines[0] and '--dry_run' in lines[0]
+  assert sorted(p.name for p in workdir.iterdir()) == ['.lock']
+
+
+def test_a_diverged_run_and_a_restart_with_another_config_are_one_line_each(tmp_path):
+  workdir = tmp_path / 'run'
+  done = subprocess.run([sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py:smoke',
+                         '--config.optim.base_lr=1e30', f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr
+  # stderr also carries the progress bar; the error is its last line, with no traceback.
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith(grid.DIVERGED_LINE) and 'Traceback' not in done.stderr, done.stderr
+  assert 'Lower optim.base_lr' in last
+  cell = grid.Cell(method='vicreg_it', stage='tune', trial=0, seed=0,
+                   config_file='configs/vicreg_it.py', overrides=())
+  result = grid.diverged_result(cell, done.stdout + done.stderr, 1.0, 'abc', 'def')
+  assert result is not None and result['status'] == 'diverged'
+  assert result['error'] == last
+  # The workdir keeps the last good checkpoint; another config must not resume from it.
+  again = subprocess.run([sys.executable, '-m', 'ssl_jax.main', '--config=configs/vicreg_it.py:smoke',
+                          '--config.model.projector=64-64', f'--workdir={workdir}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1, again.stderr
+  last = again.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in again.stderr, again.stderr
+  assert last.startswith('ssl_jax.main: error: The checkpoint in') and 'incompatible config' in last
+  assert "'projector': '64-64'" in last and 'Use a new --workdir' in last
 
 
 def test_a_command_ends_on_bad_input_with_one_line_and_the_status_asked(capsys):
