@@ -171,6 +171,16 @@ def exit_with_error(program: str, message: Any, status: int = 1) -> NoReturn:
   sys.exit(status)
 
 
+@contextlib.contextmanager
+def one_line_errors(program: str, errors: tuple[type[BaseException], ...]):
+  """Ends the command by `exit_with_error` on any of `errors`: bad input whose
+  message names the problem and the fix. Anything else keeps its traceback."""
+  try:
+    yield
+  except errors as error:
+    exit_with_error(program, error)
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
                 ) -> list[str]:
   """absl parser for app.run: a bad flag is one line on stderr and exit status 2."""

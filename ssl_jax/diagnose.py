@@ -106,23 +106,25 @@ def main(argv, f: Flags):
     raise app.UsageError('Pass exactly one of --workdir (a run) or --results (a grid).')
   from ssl_jax import diagnostics
   from ssl_jax import metrics
+  from ssl_jax import runs
   metrics.quiet_library_logs()
-  if f.dry_run.value:
-    dry_run(f)
-    return
-  if f.results.value is not None:
-    prefix = f.results.value.rstrip('/') + '_label_free'
-    out = diagnostics.label_free_selection(f.results.value, prefix)
-    with open(prefix + '.md') as fh:
-      print(fh.read())
-    print(f'ssl_jax.diagnose: {len(out["cells"])} cells -> {prefix}.{{json,md,png}}')
-    return
-  out_dir = f.out.value or os.path.join(f.workdir.value, 'diagnostics')
-  record = diagnostics.diagnose_workdir(f.workdir.value, checkpoints=f.checkpoints.value,
-                                        settings=settings_from_flags(f), out_dir=out_dir)
-  print(diagnostics.summary_text(record))
-  print(f'ssl_jax.diagnose: -> {out_dir} (diagnostics.json, '
-        f'{len(record.get("figures", []))} figures, tensorboard/)')
+  with cli.one_line_errors('ssl_jax.diagnose', runs.load_errors()):
+    if f.dry_run.value:
+      dry_run(f)
+      return
+    if f.results.value is not None:
+      prefix = f.results.value.rstrip('/') + '_label_free'
+      out = diagnostics.label_free_selection(f.results.value, prefix)
+      with open(prefix + '.md') as fh:
+        print(fh.read())
+      print(f'ssl_jax.diagnose: {len(out["cells"])} cells -> {prefix}.{{json,md,png}}')
+      return
+    out_dir = f.out.value or os.path.join(f.workdir.value, 'diagnostics')
+    record = diagnostics.diagnose_workdir(f.workdir.value, checkpoints=f.checkpoints.value,
+                                          settings=settings_from_flags(f), out_dir=out_dir)
+    print(diagnostics.summary_text(record))
+    print(f'ssl_jax.diagnose: -> {out_dir} (diagnostics.json, '
+          f'{len(record.get("figures", []))} figures, tensorboard/)')
 
 
 if __name__ == '__main__':

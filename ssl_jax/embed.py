@@ -94,11 +94,13 @@ def main(argv, f: Flags):
   if f.workdir.value is None or f.out.value is None:
     raise app.UsageError('--workdir and --out are required.')
   from ssl_jax import metrics
+  from ssl_jax import runs
   metrics.quiet_library_logs()
-  if f.dry_run.value:
-    dry_run(f)
-    return
-  embed(f.workdir.value, f.split.value, f.out.value, f.batch_size.value)
+  with cli.one_line_errors('ssl_jax.embed', runs.load_errors()):
+    if f.dry_run.value:
+      dry_run(f)
+      return
+    embed(f.workdir.value, f.split.value, f.out.value, f.batch_size.value)
 
 
 if __name__ == '__main__':

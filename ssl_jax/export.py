@@ -244,11 +244,13 @@ def main(argv, f: Flags):
   if f.workdir.value is None or f.out.value is None:
     raise app.UsageError('--workdir and --out are required.')
   from ssl_jax import metrics
+  from ssl_jax import runs
   metrics.quiet_library_logs()
-  if f.dry_run.value:
-    dry_run(f)
-    return
-  export(f.workdir.value, f.out.value, f.step.value)
+  with cli.one_line_errors('ssl_jax.export', runs.load_errors()):
+    if f.dry_run.value:
+      dry_run(f)
+      return
+    export(f.workdir.value, f.out.value, f.step.value)
 
 
 if __name__ == '__main__':

@@ -222,6 +222,14 @@ class NoRunError(FileNotFoundError):
   """A folder that holds no training run (no config.json, or no checkpoint)."""
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+  """What `load_run` raises on a bad --workdir or --step: no run or no such
+  checkpoint there, or a checkpoint that cannot be restored for its config."""
+  from ssl_jax import checkpointing
+  return (NoRunError, checkpointing.CorruptCheckpointError,
+          checkpointing.IncompatibleCheckpointError)
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run saved in workdir/config.json."""
   path = os.path.join(workdir, 'config.json')

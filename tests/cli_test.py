@@ -1,5 +1,6 @@
 """Command lines: every config field overridable, one-line errors, --dry_run."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -199,6 +200,19 @@ def test_a_diverged_run_and_a_restart_with_another_config_are_one_line_each(tmp_
   assert 'Traceback' not in again.stderr, again.stderr
   assert last.startswith('ssl_jax.main: error: The checkpoint in') and 'incompatible config' in last
   assert "'projector': '64-64'" in last and 'Use a new --workdir' in last
+
+
+@pytest.mark.parametrize('program, extra', [('export', ['--out=features.safetensors']),
+                                             ('embed', ['--out=features.npz']), ('diagnose', [])])
+def test_a_command_on_a_folder_without_a_run_ends_in_one_line(tmp_path, capsys, program, extra):
+  module = importlib.import_module(f'ssl_jax.{program}')
+  argv = [program, f'--workdir={tmp_path / "nothing"}'] + extra
+  with pytest.raises(SystemExit) as stopped:
+    module.main([program], cli.parse_command(module.define_flags, argv))
+  assert stopped.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f'ssl_jax.{program}: error: ') and err.count('\n') == 1, err
+  assert 'config.json not found: --workdir must be a training workdir' in err
 
 
 def test_a_command_ends_on_bad_input_with_one_line_and_the_status_asked(capsys):
