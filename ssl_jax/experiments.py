@@ -337,15 +337,25 @@ def _run_locked(experiment, root: str, results: str, shard: tuple[int, int], par
   runner.progress('stopped' if runner.stopping else 'nothing left to run in this shard')
 
 
+class ExperimentError(ValueError):
+  """An experiment config that cannot run: a method's config file missing, a bad trial."""
+
+
 def check_experiment(experiment) -> None:
   """Clear errors before anything runs: config files exist, trials parse."""
   if experiment is None:
     raise app.UsageError('Pass --config=configs/experiments/<name>.py')
   for method, spec in experiment.methods.items():
     if not os.path.exists(spec.config):
-      raise ValueError(f'Method {method!r}: config file {spec.config!r} does not exist.')
+      raise ExperimentError(
+          f'Method {method!r}: config file {spec.config!r} does not exist in {os.getcwd()}; '
+          "an experiment's config paths are relative to the working directory: run from the "
+          'repository root.')
     for trial in spec.trials:
-      grid.parse_overrides(trial)
+      try:
+        grid.parse_overrides(trial)
+      except ValueError as error:
+        raise ExperimentError(f'Method {method!r}: {error}') from None
 
 
 def dry_run(f: Flags) -> dict[str, Any]:
@@ -380,7 +390,12 @@ def main(argv, f: Flags):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_library_logs()
   experiment = f.config.value
-  check_experiment(experiment)
+  try:
+    shard = grid.parse_shard(f.shard.value)
+  except ValueError as error:
+    cli.exit_with_error('ssl_jax.experiments', error, 2)   # a bad flag, as absl's
+  with cli.one_line_errors('ssl_jax.experiments', (ExperimentError,)):
+    check_experiment(experiment)
   if f.dry_run.value:
     dry_run(f)
     return
@@ -389,8 +404,8 @@ def main(argv, f: Flags):
     print(f'experiments: wrote {os.path.join(f.results.value, experiment.name)}.md/.json/.png')
     return
   try:
-    run(experiment, f.root.value, f.results.value, grid.parse_shard(f.shard.value),
-        f.parallel.value, f.max_cells.value, f.readme.value)
+    run(experiment, f.root.value, f.results.value, shard, f.parallel.value,
+        f.max_cells.value, f.readme.value)
   except workdir_lock.WorkdirLockedError as error:
     # A second runner on a root: the message names the holder and the fix.
     cli.exit_with_error('ssl_jax.experiments', error)

@@ -215,6 +215,25 @@ def test_a_command_on_a_folder_without_a_run_ends_in_one_line(tmp_path, capsys, 
   assert 'config.json not found: --workdir must be a training workdir' in err
 
 
+@pytest.mark.parametrize('flag, status, message', [
+    ('--shard=0/1', 1, 'does not exist in'), ('--shard=3/2', 2, '--shard=3/2: need 0 <= i < k.')])
+def test_an_experiment_that_cannot_run_here_ends_in_one_line(tmp_path, monkeypatch, capsys,
+                                                              flag, status, message):
+  from ssl_jax import experiments
+  monkeypatch.chdir(tmp_path)   # its method configs are relative to the repository root
+  argv = ['experiments', f'--config={ROOT}/configs/experiments/fmnist_compare_long.py',
+          f'--root={tmp_path / "runs"}', flag]
+  with pytest.raises(SystemExit) as stopped:
+    experiments.main(['experiments'], cli.parse_command(experiments.define_flags, argv))
+  assert stopped.value.code == status
+  err = capsys.readouterr().err
+  assert err.startswith('ssl_jax.experiments: error: ') and err.count('\n') == 1, err
+  assert message in err
+  if status == 1:
+    assert "'configs/" in err and 'run from the repository root' in err
+  assert not (tmp_path / 'runs').exists()
+
+
 def test_a_command_ends_on_bad_input_with_one_line_and_the_status_asked(capsys):
   with pytest.raises(SystemExit) as stopped:
     cli.exit_with_error('ssl_jax.main', FileNotFoundError('no dataset in /data'))
