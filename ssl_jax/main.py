@@ -229,13 +229,13 @@ def main(argv, f: Flags):
       from ssl_jax import input_pipeline
       from ssl_jax import runs
       from ssl_jax import train
+      from ssl_jax.datasets import image_folder
       # What the run reports as the user's to fix, each in one line: a config
       # value, a checkpoint of another config or unreadable, a full disk, a
       # loss gone non-finite (the message says where the last good state is).
       run_errors = (checkpointing.IncompatibleCheckpointError,
                     checkpointing.CorruptCheckpointError,
                     checkpointing.CheckpointWriteError, train.NonFiniteLossError)
-      from ssl_jax.datasets import image_folder
       if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
         print(hint, file=sys.stderr, flush=True)
       # The data is found before anything is written to the workdir: a dataset
