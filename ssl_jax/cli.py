@@ -167,18 +167,28 @@ def exit_with_error(program: str, message: Any, status: int = 1) -> NoReturn:
   Every command-line entry point reports a bad input this way (a bad flag
   exits 2, like absl; a missing dataset or a held workdir 1), never a traceback.
   """
-  print(f'{program}: error: {message}', file=sys.stderr, flush=True)
+  print(error_line(program, message), file=sys.stderr, flush=True)
   sys.exit(status)
 
 
+def error_line(program: str, message: Any) -> str:
+  """The line `exit_with_error` prints (the experiment runner reads it in a cell's log)."""
+  return f'{program}: error: {message}'
+
+
 @contextlib.contextmanager
-def one_line_errors(program: str, errors: tuple[type[BaseException], ...]):
+def one_line_errors(program: str, errors: tuple[type[BaseException], ...], status: int = 1,
+                    hint: str = ''):
   """Ends the command by `exit_with_error` on any of `errors`: bad input whose
-  message names the problem and the fix. Anything else keeps its traceback."""
+  message names the problem and the fix. Anything else keeps its traceback.
+
+  status: the exit status (2 for a bad flag, as absl's). hint: appended to the
+  message in parentheses, e.g. the command that checks the input without running.
+  """
   try:
     yield
   except errors as error:
-    exit_with_error(program, error)
+    exit_with_error(program, f'{error} ({hint})' if hint else error, status)
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS

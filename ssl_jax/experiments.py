@@ -390,10 +390,8 @@ def main(argv, f: Flags):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_library_logs()
   experiment = f.config.value
-  try:
+  with cli.one_line_errors('ssl_jax.experiments', (ValueError,), status=2):   # a bad flag
     shard = grid.parse_shard(f.shard.value)
-  except ValueError as error:
-    cli.exit_with_error('ssl_jax.experiments', error, 2)   # a bad flag, as absl's
   with cli.one_line_errors('ssl_jax.experiments', (ExperimentError,)):
     check_experiment(experiment)
   if f.dry_run.value:
@@ -403,12 +401,10 @@ def main(argv, f: Flags):
     experiment_report.aggregate(experiment, f.results.value, f.readme.value)
     print(f'experiments: wrote {os.path.join(f.results.value, experiment.name)}.md/.json/.png')
     return
-  try:
+  # A second runner on a root: the message names the holder and the fix.
+  with cli.one_line_errors('ssl_jax.experiments', (workdir_lock.WorkdirLockedError,)):
     run(experiment, f.root.value, f.results.value, shard, f.parallel.value,
         f.max_cells.value, f.readme.value)
-  except workdir_lock.WorkdirLockedError as error:
-    # A second runner on a root: the message names the holder and the fix.
-    cli.exit_with_error('ssl_jax.experiments', error)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from typing import Any, Optional, Sequence
 
+from ssl_jax import cli
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTION_METRIC = 'linear_test_acc'   # in tuning cells, accuracy on the validation split
 
@@ -231,7 +233,9 @@ def workdir_config(workdir: str) -> Optional[dict[str, Any]]:
     return None
 
 
-DIVERGED_LINE = 'ssl_jax.main: error: Non-finite loss'
+# What ssl_jax.main prints for a train.NonFiniteLossError, whose message starts
+# this way (tests/cli_test.py runs a diverging command and checks the match).
+DIVERGED_LINE = cli.error_line('ssl_jax.main', 'Non-finite loss')
 
 
 def diverged_result(cell: Cell, log_text: str, seconds: float, commit: str, code: str,

@@ -206,10 +206,9 @@ def main(argv, f: Flags):
   metrics.quiet_library_logs()   # keep the progress bar readable
   cli.watch_parent()             # an experiment cell dies with its runner
   if f.dry_run.value:
-    try:
+    # A missing dataset, a bad value.
+    with cli.one_line_errors('ssl_jax.main', (FileNotFoundError, ValueError)):
       dry_run(f)
-    except (FileNotFoundError, ValueError) as error:   # a missing dataset, a bad value
-      cli.exit_with_error('ssl_jax.main', error)
     return
   config = f.config.value
   if config is None:
@@ -220,40 +219,36 @@ def main(argv, f: Flags):
   from ssl_jax import checkpointing
   from ssl_jax import workdir_lock
   workdir = workdir_of(f, config)
+  checkpointing.check_writable(workdir)
   # The lock first, before the slow imports below: a second trainer on the
   # same workdir fails within seconds. train_and_evaluate holds it again.
-  checkpointing.check_writable(workdir)
-  try:
-    with (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
-      from ssl_jax import allocator
-      from ssl_jax import input_pipeline
-      from ssl_jax import runs
-      from ssl_jax import train
-      from ssl_jax.datasets import image_folder
-      # What the run reports as the user's to fix, each in one line: a config
-      # value, a checkpoint of another config or unreadable, a full disk, a
-      # loss gone non-finite (the message says where the last good state is).
-      run_errors = (checkpointing.IncompatibleCheckpointError,
-                    checkpointing.CorruptCheckpointError,
-                    checkpointing.CheckpointWriteError, train.NonFiniteLossError)
-      if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
-        print(hint, file=sys.stderr, flush=True)
-      # The data is found before anything is written to the workdir: a dataset
-      # that is not prepared is one line naming the folder and the fix, not a
-      # traceback after a half-made workdir.
-      try:
-        input_pipeline.check_prepared(config.data.name, config.data.data_dir)
-      except (FileNotFoundError, image_folder.ImageFolderError) as error:
-        raise DataError(error) from None
-      try:
-        train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
-      except runs.ConfigError as error:   # found before anything was trained or written
-        cli.exit_with_error('ssl_jax.main',
-                            f'{error} (--dry_run checks a config without training)')
-      except run_errors as error:
-        cli.exit_with_error('ssl_jax.main', error)
-  except (workdir_lock.WorkdirLockedError, DataError) as error:
-    cli.exit_with_error('ssl_jax.main', error)
+  with cli.one_line_errors('ssl_jax.main', (workdir_lock.WorkdirLockedError, DataError)), \
+       (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
+    from ssl_jax import allocator
+    from ssl_jax import input_pipeline
+    from ssl_jax import runs
+    from ssl_jax import train
+    from ssl_jax.datasets import image_folder
+    if jax.default_backend() == 'cpu' and (hint := allocator.warn_if_missing()):
+      print(hint, file=sys.stderr, flush=True)
+    # The data is found before anything is written to the workdir: a dataset
+    # that is not prepared is one line naming the folder and the fix, not a
+    # traceback after a half-made workdir.
+    try:
+      input_pipeline.check_prepared(config.data.name, config.data.data_dir)
+    except (FileNotFoundError, image_folder.ImageFolderError) as error:
+      raise DataError(error) from None
+    # What the run reports as the user's to fix, each in one line: a config
+    # value (found before anything was trained or written), a checkpoint of
+    # another config or unreadable, a full disk, a loss gone non-finite (the
+    # message says where the last good state is).
+    run_errors = (checkpointing.IncompatibleCheckpointError,
+                  checkpointing.CorruptCheckpointError,
+                  checkpointing.CheckpointWriteError, train.NonFiniteLossError)
+    with cli.one_line_errors('ssl_jax.main', run_errors), \
+         cli.one_line_errors('ssl_jax.main', (runs.ConfigError,),
+                             hint='--dry_run checks a config without training'):
+      train.train_and_evaluate(config, workdir, reevaluate=f.reevaluate.value)
 
 
 class DataError(Exception):
