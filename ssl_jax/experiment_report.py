@@ -379,28 +379,32 @@ def budget_markdown(reports: Sequence[tuple[str, Any, dict[str, Any]]]) -> str:
   lines += ['', '(mean ± 95% Student-t interval over the final seeds, their count in '
             'parentheses)', '']
   for variant, base in CLAIMS:
-    verdicts = []
-    for label, _, summary in reports:
+    verdicts = []   # (label, verdict or None while pending, linear difference, interim note)
+    for label, experiment, summary in reports:
       claim = next((c for c in summary['claims'] if c['variant'] == variant), None)
       if claim is None:
         continue
-      lin = claim['linear_test_acc']
-      if claim.get('n', 2) < 2 or math.isnan(lin['mean_diff']):
-        verdicts.append((label, None, lin))   # a budget whose final seeds are still running
+      lin, n = claim['linear_test_acc'], claim.get('n')
+      planned = len(experiment.get('final_seeds', ()))
+      if (n is not None and n < 2) or math.isnan(lin['mean_diff']):
+        verdicts.append((label, None, lin, ''))   # a budget whose final seeds are still running
       else:
-        verdicts.append((label, claim['verdict'].split(':')[0].split(' (')[0], lin))
+        # Fewer paired seeds than the experiment plans: the verdict may still move.
+        interim = f', interim at {n} of {planned} seeds' if n is not None and n < planned else ''
+        verdicts.append((label, claim['verdict'].split(':')[0].split(' (')[0], lin, interim))
     if len(verdicts) < 2:
       continue
     parts = '; '.join(f'{label}: pending (fewer than 2 paired seeds)' if v is None else
-                      f'{label}: {v} ({_pct(lin["mean_diff"], lin["half"])} points)'
-                      for label, v, lin in verdicts)
-    known = {v for _, v, _ in verdicts if v is not None}
-    if len(known) < len(verdicts):
+                      f'{label}: {v} ({_pct(lin["mean_diff"], lin["half"])} points{interim})'
+                      for label, v, lin, interim in verdicts)
+    if any(v is None for _, v, _, _ in verdicts):
       ending = 'Whether the longer budget changes the verdict is not known yet.'
-    elif len(known) > 1:
-      ending = 'The longer budget changed the verdict.'
     else:
-      ending = 'The longer budget did not change the verdict.'
+      changed = len({v for _, v, _, _ in verdicts}) > 1
+      ending = ('The longer budget ' + ('changed' if changed else 'did not change')
+                + ' the verdict.')
+      if any(interim for _, _, _, interim in verdicts):
+        ending = 'So far (not every final seed has run) t' + ending[1:]
     lines.append(f'- {variant} - {base}: {parts}. {ending}')
   return '\n'.join(lines) + '\n'
 

@@ -263,6 +263,24 @@ def test_the_budget_table_puts_methods_against_budgets_and_says_what_changed():
           'pending (fewer than 2 paired seeds). Whether the longer budget changes the verdict '
           'is not known yet.') in table
   assert 'changed the verdict' not in table
+  # The same verdict at both budgets is no change; a budget with fewer paired
+  # seeds than the experiment plans gives an interim verdict, and says so.
+  long['claims'] = [{'variant': 'vicreg_it', 'n': 2, 'verdict': 'reproduced',
+                     'linear_test_acc': {'mean_diff': 0.01, 'half': 0.004, 'n': 2}}]
+  table = experiment_report.budget_markdown([('300 steps', exp, short),
+                                             ('1000 steps', exp, long)])
+  assert ('- vicreg_it - vicreg: 300 steps: reproduced (2.00 ± 1.00 points); 1000 steps: '
+          'reproduced (1.00 ± 0.40 points). The longer budget did not change the verdict.'
+          ) in table
+  long_exp = experiment_config()
+  long_exp.final_seeds = (1, 2, 3, 4, 5)
+  for verdict, said in (('reproduced', 'did not change'), ('inconclusive (...)', 'changed')):
+    long['claims'][0]['verdict'] = verdict
+    table = experiment_report.budget_markdown([('300 steps', exp, short),
+                                               ('1000 steps', long_exp, long)])
+    assert (f'1000 steps: {verdict.split(" (")[0]} (1.00 ± 0.40 points, interim at 2 of 5 '
+            f'seeds). So far (not every final seed has run) the longer budget {said} the '
+            'verdict.') in table
 
 
 def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_path):
