@@ -164,6 +164,41 @@ def cost_text(summary: dict[str, Any]) -> str:
           f'periodic {periodic:.0f} s, evaluation {evaluation:.0f} s')
 
 
+def process_stopped(pid: int) -> bool:
+  """Whether process pid is stopped (SIGSTOP, a debugger): its /proc state is T or t.
+
+  False where /proc does not exist (not Linux) or the process has gone.
+  """
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] in ('T', 't')
+  except (OSError, IndexError):
+    return False
+
+
+class PauseClock:
+  """Seconds each running cell spent stopped, sampled at every poll.
+
+  A grid paused for a timing (its cells SIGSTOPped) would otherwise count the
+  pause as cell time, and the time-left estimate grew by hours.
+  """
+
+  def __init__(self, now: float):
+    self.last = now
+    self.paused: dict[str, float] = {}
+
+  def update(self, pids: dict[str, int], now: float) -> None:
+    """pids: name -> pid of each running cell; the interval since the last
+    update counts as paused for each cell stopped now."""
+    for name, pid in pids.items():
+      if process_stopped(pid):
+        self.paused[name] = self.paused.get(name, 0.0) + (now - self.last)
+    self.last = now
+
+  def pop(self, name: str) -> float:
+    return self.paused.pop(name, 0.0)
+
+
 class Runner:
   """Runs cells as subprocesses (at most `parallel` at once), with a progress line."""
 
@@ -176,8 +211,9 @@ class Runner:
                                   tuple[str, str]]] = {}
     self.total, self.done, self.started_here = total, done, 0
     self.max_cells = max_cells
-    self.cell_seconds: list[float] = []
+    self.cell_seconds: list[float] = []   # wall time of each finished cell, pauses left out
     self.t0 = time.time()
+    self.pauses = PauseClock(self.t0)
     self.stopping = False
     self.commit = grid.git_commit()
 
@@ -226,18 +262,22 @@ class Runner:
     self.done += 1
 
   def poll(self) -> None:
+    self.pauses.update({name: entry[1].pid for name, entry in self.running.items()},
+                       time.time())
     for name, (cell, process, started, log, at_start) in list(self.running.items()):
       code = process.poll()
       if code is None:
         continue
       log.close()
       del self.running[name]
+      paused = self.pauses.pop(name)
       workdir = os.path.join(self.root, name)
       summary = finished_summary(workdir)
       if summary is not None:
         self.record(cell, summary, at_start)
-        self.cell_seconds.append(time.time() - started)
-        self.progress(f'finished {name} in {(time.time() - started) / 60:.1f} min '
+        self.cell_seconds.append(time.time() - started - paused)
+        pause_note = f', of which {paused / 60:.1f} min stopped' if paused >= 30 else ''
+        self.progress(f'finished {name} in {(time.time() - started) / 60:.1f} min{pause_note} '
                       f'({cost_text(summary)}): {grid.SELECTION_METRIC}='
                       f'{summary["eval"][grid.SELECTION_METRIC]:.4f}')
         experiment_report.aggregate(self.experiment, self.results, self.readme)

@@ -386,3 +386,31 @@ def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypa
   monkeypatch.setattr(experiments.Runner, 'start', no_start)
   subprocess.run(['rm', '-rf', root], check=True)
   experiments.run(exp, root, results, (0, 1), parallel=1)
+
+
+def _wait_for(condition, seconds=10.0):
+  deadline = time.time() + seconds
+  while not condition():
+    assert time.time() < deadline, 'the process did not change state in time'
+    time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/stat'), reason='needs /proc (Linux)')
+def test_the_time_left_leaves_out_the_seconds_a_cell_was_stopped():
+  """A SIGSTOPped cell (a grid paused for a timing) is not cell time for the estimate."""
+  process = subprocess.Popen(['sleep', '60'])
+  try:
+    clock = experiments.PauseClock(now=0.0)
+    clock.update({'cell': process.pid}, now=10.0)   # running through 0-10 s
+    os.kill(process.pid, signal.SIGSTOP)
+    _wait_for(lambda: experiments.process_stopped(process.pid))
+    clock.update({'cell': process.pid}, now=40.0)   # found stopped: 10-40 s paused
+    os.kill(process.pid, signal.SIGCONT)
+    _wait_for(lambda: not experiments.process_stopped(process.pid))
+    clock.update({'cell': process.pid}, now=50.0)   # running again
+    assert clock.pop('cell') == 30.0
+    assert clock.pop('cell') == 0.0
+  finally:
+    process.kill()
+    process.wait()
+  assert not experiments.process_stopped(process.pid)   # gone: not stopped
