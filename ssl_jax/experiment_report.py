@@ -400,11 +400,10 @@ def budget_markdown(reports: Sequence[tuple[str, Any, dict[str, Any]]]) -> str:
     if any(v is None for _, v, _, _ in verdicts):
       ending = 'Whether the longer budget changes the verdict is not known yet.'
     else:
-      changed = len({v for _, v, _, _ in verdicts}) > 1
-      ending = ('The longer budget ' + ('changed' if changed else 'did not change')
-                + ' the verdict.')
-      if any(interim for _, _, _, interim in verdicts):
-        ending = 'So far (not every final seed has run) t' + ending[1:]
+      verb = 'changed' if len({v for _, v, _, _ in verdicts}) > 1 else 'did not change'
+      opening = ('So far (not every final seed has run) the'
+                 if any(interim for _, _, _, interim in verdicts) else 'The')
+      ending = f'{opening} longer budget {verb} the verdict.'
     lines.append(f'- {variant} - {base}: {parts}. {ending}')
   return '\n'.join(lines) + '\n'
 
