@@ -238,18 +238,83 @@ def summarise(experiment, results: dict[str, dict]) -> dict[str, Any]:
     rows = completed_finals(results, method)
     stats = {m: mean_ci([metric(r, m) for r in rows]) for m in FINAL_METRICS}
     # Cells that reused their tuning run's pretraining only evaluated: not counted.
-    stats['wall_time_sec'] = mean_ci([r['wall_time_sec'] for r in rows
-                                      if r.get('wall_time_sec') is not None])
+    walls = sorted(r['wall_time_sec'] for r in rows if r.get('wall_time_sec') is not None)
     final[method] = {'seeds': sorted(r['seed'] for r in rows), 'stats': stats,
-                     'all_trials_diverged': method in diverged}
+                     'wall_times_sec': walls, 'all_trials_diverged': method in diverged}
   ks = {knn_k(r['metrics']) for r in results.values()} - {None}
   steps = {r.get('steps') for r in results.values() if r.get('steps')}
+  validation = summarise_baselines(results, 'tune')
+  raw_val = validation.get('raw_pixels', {}).get('linear_test_acc', (None,))[0]
   return {'chosen_trial': chosen, 'final': final,
           'claims': summarise_claims(experiment, results, diverged),
           'baselines': summarise_baselines(results),
-          'validation_baselines': summarise_baselines(results, 'tune'),
+          'validation_baselines': validation,
+          'pilot': summarise_pilot(experiment, results, raw_val),
+          'cost': summarise_cost(results),
           'knn_k': min(ks) if ks else None,
           'steps': max(steps) if steps else None, 'verdict_rule': VERDICT_RULE}
+
+
+def passes_margin(difference: Optional[float], margin: float) -> bool:
+  # The margins are differences of float32 accuracies: 1e-9 keeps an exact
+  # 2.00 points from failing by round-off.
+  return difference is not None and difference >= margin - 1e-9
+
+
+def summarise_pilot(experiment, results: dict[str, dict],
+                    raw_pixels: Optional[float]) -> Optional[dict[str, Any]]:
+  """A budget pilot's margins over raw pixels and the budget they give.
+
+  experiment.pilot: {'setting': the override each trial varies (total_steps),
+  'margin': the validation linear accuracy over raw pixels a method must reach}.
+  Each method's first passing value is the smallest value of the setting at
+  which it reached the margin; the budget is the largest of those, so that
+  every method passes at the budget or below. None without experiment.pilot.
+  """
+  pilot = experiment.get('pilot')
+  if not pilot:
+    return None
+  setting, margin = pilot['setting'], float(pilot['margin'])
+  rows: dict[str, dict[float, Optional[float]]] = {m: {} for m in experiment.methods}
+  for cell in grid.tuning_cells(experiment):
+    trial = grid.trials_of(experiment, cell.method)[cell.trial]
+    if setting not in trial:
+      raise ValueError(f'Pilot trial {cell.method} {cell.trial} ({trial}) does not set '
+                       f'{setting!r}, the setting experiment.pilot names: every pilot '
+                       'trial must set it.')
+    r = results.get(cell.name)
+    ok = r is not None and r.get('status', 'completed') == 'completed'
+    rows[cell.method][float(trial[setting])] = (
+        r['metrics']['linear_test_acc'] - raw_pixels if ok and raw_pixels is not None
+        else None)
+  first = {m: min((v for v, d in by.items() if passes_margin(d, margin)), default=None)
+           for m, by in rows.items()}
+  budget = (max(first.values()) if first and all(v is not None for v in first.values())
+            else None)
+  return {'setting': setting, 'margin': margin, 'raw_pixels': raw_pixels,
+          'margins': rows, 'first_passing': first, 'budget': budget}
+
+
+def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
+  """The cells' wall time: total, median and range, and where it went.
+
+  A cell's wall time is what its process took, including any time it shared
+  the cores with other work or was stopped: the sum bounds the experiment's
+  cost on an otherwise idle machine from above.
+  """
+  walls = sorted(r['wall_time_sec'] for r in results.values()
+                 if r.get('wall_time_sec') is not None)
+  parts: dict[str, float] = {}
+  for r in results.values():
+    for name, sec in (r.get('time_breakdown_sec') or {}).items():
+      part = ('evaluation' if name.startswith('evaluation') else
+              name if name in ('steps',) else 'start-up, compilation and the rest')
+      parts[part] = parts.get(part, 0.0) + sec
+  n = len(walls)
+  median = (walls[n // 2] if n % 2 else (walls[n // 2 - 1] + walls[n // 2]) / 2) if n else None
+  return {'cells': n, 'total_sec': sum(walls), 'median_sec': median,
+          'min_sec': walls[0] if n else None, 'max_sec': walls[-1] if n else None,
+          'parts_sec': parts}
 
 
 # ----------------------------------------------------------------------------
@@ -273,6 +338,73 @@ def _cost(result: dict[str, Any]) -> str:
   return '' if wall is None else f'{wall / 60:.1f}'
 
 
+def _minutes(seconds: Sequence[float]) -> str:
+  """Median (range) in minutes: cell times are skewed by time shared or stopped,
+  so a mean and t-interval would describe the interruptions, not the cells."""
+  if not seconds:
+    return '-'
+  s = sorted(seconds)
+  n = len(s)
+  median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+  return f'{median / 60:.1f}' + ('' if n == 1 else f' ({s[0] / 60:.1f}-{s[-1] / 60:.1f})')
+
+
+def pilot_markdown(pilot: dict[str, Any], methods: Sequence[str]) -> list[str]:
+  """The pilot's table (validation linear accuracy minus raw pixels per method and
+  value of the setting) and the sentence that gives the budget."""
+  setting, margin = pilot['setting'], 100 * pilot['margin']
+  values = sorted({v for by in pilot['margins'].values() for v in by})
+  show = lambda v: f'{v:g}'
+  lines = ['', '## The budget', '',
+           'Linear accuracy on the validation split minus raw pixels\' ('
+           + ('not measured yet' if pilot['raw_pixels'] is None else
+              f'{_pct(pilot["raw_pixels"], math.nan)}%')
+           + f'), in points; a method passes at {margin:g} points or more.', '',
+           f'| {setting} | ' + ' | '.join(methods) + ' |', '|---|' + '---|' * len(methods)]
+  for v in values:
+    cells = []
+    for m in methods:
+      d = pilot['margins'][m].get(v)
+      cells.append('not run' if d is None else
+                   f'{100 * d:+.2f}' + (' (passes)' if passes_margin(d, pilot['margin'])
+                                        else ''))
+    lines.append(f'| {show(v)} | ' + ' | '.join(cells) + ' |')
+  first = pilot['first_passing']
+  passed = ', '.join(f'{m} at {show(v)}' for m, v in first.items() if v is not None)
+  failed = [m for m, v in first.items() if v is None]
+  rule = (f'The budget is the smallest {setting} at which every method has passed '
+          '(at it or at a smaller value).')
+  if pilot['budget'] is None:
+    # The largest value is the cap only once every method still failing ran there.
+    capped = values and all(pilot['margins'][m].get(values[-1]) is not None for m in failed)
+    ending = (f'the largest value, {show(values[-1])}, is the cap' if capped else
+              'the budget is not known yet')
+    lines += ['', f'{rule} Passed at no value that ran: {", ".join(failed)}'
+              + (f' (first passes: {passed})' if passed else '') + f'; {ending}.']
+  else:
+    decider = max(first, key=lambda m: first[m])
+    below = [v for v, d in pilot['margins'][decider].items()
+             if v < pilot['budget'] and d is not None]
+    lines += ['', f'{rule} First passes: {passed}. **Budget: '
+              f'{show(pilot["budget"])}**' + (
+                  f' ({decider} fails at {show(max(below))}, the largest value below it '
+                  'that ran).' if below else '.')]
+  return lines
+
+
+def cost_markdown(cost: dict[str, Any]) -> list[str]:
+  if not cost['cells']:
+    return []
+  parts = ', '.join(f'{name} {sec / 3600:.1f} h' for name, sec in
+                    sorted(cost['parts_sec'].items(), key=lambda kv: -kv[1]))
+  return ['', f'Cost: {cost["cells"]} cells took {cost["total_sec"] / 3600:.1f} h in all '
+          f'(median cell {cost["median_sec"] / 60:.1f} min, '
+          f'{cost["min_sec"] / 60:.1f}-{cost["max_sec"] / 60:.1f})'
+          + (f'; {parts}' if parts else '') + '. A cell\'s time includes any time it '
+          'shared the cores with other work or was stopped, and a cell does not record the '
+          'machine it ran on.']
+
+
 def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> str:
   k = summary['knn_k']
   lines = [f'# {experiment.name}', '',
@@ -288,7 +420,8 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
     trial = grid.trials_of(experiment, cell.method)[cell.trial]
     text = ', '.join(f'{k_}={v}' for k_, v in trial.items()) or '(defaults)'
     if r is None or r.get('status') == 'diverged':
-      state = 'pending' if r is None else 'diverged (non-finite loss)'
+      state = ('diverged (non-finite loss)' if r is not None else
+               'not run' if experiment.get('not_run') else 'pending')
       lines.append(f'| {cell.method} | {cell.trial} | {text} | {state} | | | '
                    f'| {_cost(r) if r else ""} |')
       continue
@@ -303,11 +436,15 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
         f'{label} {_pct(val[name]["linear_test_acc"][0], math.nan)}% linear, '
         f'{_pct(val[name]["knn20_test_acc"][0], math.nan)}% kNN-20'
         for name, label in BASELINES if name in val) + '.']
+  if experiment.get('not_run'):
+    lines += ['', f'Not run: {experiment.not_run}']
+  if summary.get('pilot'):
+    lines += pilot_markdown(summary['pilot'], list(experiment.methods))
   if not experiment.final_seeds:   # a pilot: tuning cells only
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + cost_markdown(summary['cost'])) + '\n'
   lines += ['', '## Final (chosen settings, test split; mean ± 95% Student-t interval)', '',
             f'| method | seeds | linear (%) | kNN-{k} (%) | eff. rank | H log-det | '
-            'H pairwise upper | H pairwise lower | H Gaussian | cell (min) |',
+            'H pairwise upper | H pairwise lower | H Gaussian | cell (min: median, range) |',
             '|---|---|---|---|---|---|---|---|---|---|']
   for method, entry in summary['final'].items():
     if entry.get('all_trials_diverged'):
@@ -315,13 +452,12 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
                    'final seeds | | | | | | | |')
       continue
     s = entry['stats']
-    wall = s['wall_time_sec']
     lines.append(
         f'| {method} | {len(entry["seeds"])} | {_pct(*s["linear_test_acc"][:2])} '
         f'| {_pct(*s["knn_test_acc"][:2])} | {_num(*s["effective_rank"][:2])} '
         f'| {_num(*s["entropy_logdet"][:2])} | {_num(*s["entropy_pairwise_upper"][:2])} '
         f'| {_num(*s["entropy_pairwise_lower"][:2])} | {_num(*s["entropy_gaussian"][:2])} '
-        f'| {_num(wall[0] / 60, wall[1] / 60)} |')
+        f'| {_minutes(entry["wall_times_sec"])} |')
   for name, label in BASELINES:
     if name in summary['baselines']:
       b = summary['baselines'][name]
@@ -340,7 +476,7 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
   if any(r.get('pretraining_from') for r in results.values()):
     lines += ['', f'At seed {experiment.tune_seed}, a final cell restores its chosen tuning '
               'run\'s checkpoint (the same pretraining) and only evaluates it on the test split; '
-              'wall time averages the cells that pretrained.']
+              'cell times are those of the cells that pretrained.']
   lines += ['', '## The paper\'s claims: entropy variant minus its base method (same seeds)', '',
             f'| comparison | seeds | p | Holm level | linear (points, corrected interval) '
             f'| kNN-{k} (points) | verdict |',
@@ -351,7 +487,7 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
     lines.append(f'| {claim["variant"]} - {claim["base"]} | {claim["n"]} | {p} '
                  f'| {claim["holm_level"]:.4f} | {_pct(lin["mean_diff"], lin["half"])} '
                  f'| {_pct(knn["mean_diff"], knn["half"])} | {claim["verdict"]} |')
-  lines += ['', VERDICT_RULE]
+  lines += ['', VERDICT_RULE] + cost_markdown(summary['cost'])
   return '\n'.join(lines) + '\n'
 
 

@@ -283,6 +283,96 @@ def test_the_budget_table_puts_methods_against_budgets_and_says_what_changed():
             'verdict.') in table
 
 
+def pilot_config(**overrides):
+  steps = [f'total_steps={s}' for s in (1000, 2000, 1500, 3000)]
+  c = experiment_config(final_seeds=(), pilot=dict(setting='total_steps', margin=0.02),
+                        **overrides)
+  c.methods = ml_collections.ConfigDict(dict(   # replaced, not merged into the default's
+      vicreg=dict(config='configs/vicreg.py', trials=steps),
+      byol=dict(config='configs/byol.py', trials=steps)))
+  return c
+
+
+def pilot_results(exp, linear: dict[tuple[str, int], float], raw_pixels: float = 0.85):
+  """Tuning results of the named (method, steps) cells, raw pixels measured in each."""
+  results = {}
+  for cell in grid.tuning_cells(exp):
+    steps = int(grid.trials_of(exp, cell.method)[cell.trial]['total_steps'])
+    if (cell.method, steps) in linear:
+      r = fake_result(cell, linear[cell.method, steps])
+      r['baselines'] = {'raw_pixels': {'linear_test_acc': raw_pixels, 'knn20_test_acc': 0.85}}
+      results[cell.name] = r
+  return results
+
+
+def test_the_pilot_budget_is_the_first_step_count_every_method_has_passed_at():
+  exp = pilot_config()
+  # Raw pixels 85%: VICReg passes at 1000 (+3), BYOL fails at 1000 (+0.5) and
+  # 1500 (+1.99), and passes at 2000 (exactly +2.00, float32-rounded as a probe's
+  # accuracy is): the budget is 2000, whatever VICReg did there.
+  results = pilot_results(exp, {('vicreg', 1000): 0.88, ('byol', 1000): 0.855,
+                                ('byol', 1500): 0.8699, ('byol', 2000): float(np.float32(0.87))})
+  summary = experiment_report.summarise(exp, results)
+  pilot = summary['pilot']
+  assert pilot['first_passing'] == {'vicreg': 1000.0, 'byol': 2000.0}
+  assert pilot['budget'] == 2000.0
+  table = experiment_report.markdown(exp, results, summary)
+  assert '| total_steps | byol | vicreg |' in table
+  assert '| 1000 | +0.50 | +3.00 (passes) |' in table
+  assert '| 1500 | +1.99 | not run |' in table
+  assert '| 2000 | +2.00 (passes) | not run |' in table
+  assert ('First passes: byol at 2000, vicreg at 1000. **Budget: 2000** (byol fails at 1500, '
+          'the largest value below it that ran).') in table
+  assert '| vicreg | 1 | total_steps=2000 | pending |' in table
+  # A closed pilot's missing cells read 'not run', with the reason.
+  exp = pilot_config(not_run='stopped once 2,000 passed.')
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
+  assert '| vicreg | 1 | total_steps=2000 | not run |' in table
+  assert 'Not run: stopped once 2,000 passed.' in table
+  # BYOL never passes: the budget is unknown until it failed at the largest value,
+  # which is then the cap.
+  del results['byol__tune1__s0']
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
+  assert 'Passed at no value that ran: byol (first passes: vicreg at 1000); the budget is not ' \
+         'known yet.' in table
+  results.update(pilot_results(exp, {('byol', 3000): 0.86}))
+  summary = experiment_report.summarise(exp, results)
+  assert summary['pilot']['budget'] is None
+  assert 'the largest value, 3000, is the cap.' in experiment_report.markdown(exp, results,
+                                                                              summary)
+
+
+def test_the_cost_line_sums_the_cells_and_gives_their_median_and_range():
+  exp = experiment_config()
+  cells = grid.tuning_cells(exp) + grid.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
+  results = {}
+  for cell, minutes in zip(cells, (10, 12, 30, 11, 13, 90, 14)):
+    r = fake_result(cell, 0.8)
+    r['wall_time_sec'] = 60.0 * minutes
+    r['time_breakdown_sec'] = {'steps': 50.0 * minutes, 'evaluation: features': 6.0 * minutes,
+                               'evaluation: kNN': 1.0 * minutes, 'start-up': 3.0 * minutes}
+    results[cell.name] = r
+  assert [c.stage for c in cells] == ['tune'] * 3 + ['final'] * 4
+  summary = experiment_report.summarise(exp, results)
+  cost = summary['cost']
+  assert cost['cells'] == 7 and cost['total_sec'] == 60.0 * 180
+  assert cost['median_sec'] == 60.0 * 13 and cost['min_sec'] == 600 and cost['max_sec'] == 5400
+  assert cost['parts_sec'] == {'steps': 50.0 * 180, 'evaluation': 7.0 * 180,
+                               'start-up, compilation and the rest': 3.0 * 180}
+  table = experiment_report.markdown(exp, results, summary)
+  assert ('Cost: 7 cells took 3.0 h in all (median cell 13.0 min, 10.0-90.0); steps 2.5 h, '
+          'evaluation 0.3 h, start-up, compilation and the rest 0.1 h.') in table
+  # Final cells: vicreg seeds 0, 1 took 11 and 13 min, vicreg_it 90 and 14: the
+  # median and range, not a t-interval over interruptions.
+  finals = {c.name: m for c, m in zip(cells, (10, 12, 30, 11, 13, 90, 14)) if c.stage == 'final'}
+  by_method = {m: sorted(v for k, v in finals.items() if k.startswith(m + '__'))
+               for m in ('vicreg', 'vicreg_it')}
+  for method, (low, high) in by_method.items():
+    assert f'| {(low + high) / 2:.1f} ({low:.1f}-{high:.1f}) |' in [
+        line[line.rindex('| ', 0, len(line) - 2):] for line in table.splitlines()
+        if line.startswith(f'| {method} | 2 |')]
+
+
 def test_the_final_cell_at_the_tuning_seed_reuses_the_tuning_pretraining(tmp_path):
   """Only a completed tuning run of the same overrides, with its checkpoints, is reused."""
   exp = experiment_config()
