@@ -295,6 +295,36 @@ def summarise_pilot(experiment, results: dict[str, dict],
           'margins': rows, 'first_passing': first, 'budget': budget}
 
 
+def edge_choices(experiment, chosen: dict[str, Optional[int]]
+                 ) -> dict[str, list[tuple[str, str, str]]]:
+  """Methods whose chosen trial sits at an end of a numeric setting its trials vary.
+
+  Returns {method: [(setting, chosen value, 'largest' or 'smallest'), ...]}:
+  the best setting may lie beyond the grid, so the method may be under-tuned.
+  """
+  out = {}
+  for method, trial in chosen.items():
+    trials = grid.trials_of(experiment, method)
+    if trial is None or len(trials) < 2:
+      continue
+    ends = []
+    for key in sorted({k for t in trials for k in t}):
+      try:
+        values = [float(t[key]) for t in trials]
+      except (KeyError, ValueError):
+        continue   # not set by every trial, or not a number: no order to be at the end of
+      if len(set(values)) < 2:
+        continue
+      value = values[trial]
+      if value == max(values):
+        ends.append((key, trials[trial][key], 'largest'))
+      elif value == min(values):
+        ends.append((key, trials[trial][key], 'smallest'))
+    if ends:
+      out[method] = ends
+  return out
+
+
 def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
   """The cells' wall time: total, median and range, and where it went.
 
@@ -430,6 +460,11 @@ def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> s
     lines.append(f'| {cell.method} | {cell.trial} | {text} | {100 * m["linear_test_acc"]:.2f} '
                  f'| {100 * metric(r, "knn_test_acc"):.2f} | {m["effective_rank"]:.1f} | {mark} '
                  f'| {_cost(r)} |')
+  edges = edge_choices(experiment, summary['chosen_trial'])
+  if edges:
+    lines += ['', 'Chosen at an end of its grid (the best setting may lie beyond it): ' + '; '.join(
+        f'{m} ' + ', '.join(f'{key}={value} (the {end} tried)' for key, value, end in ends)
+        for m, ends in edges.items()) + '.']
   val = summary.get('validation_baselines', {})
   if val:
     lines += ['', 'On the validation split: ' + '; '.join(

@@ -342,6 +342,27 @@ def test_the_pilot_budget_is_the_first_step_count_every_method_has_passed_at():
                                                                               summary)
 
 
+def test_a_choice_at_an_end_of_the_tried_values_is_flagged():
+  exp = experiment_config()
+  exp.methods.vicreg.trials = [f'variant=smoke, optim.base_lr={lr}' for lr in ('0.1', '0.3', '1.0')]
+  exp.methods.vicreg_it.trials = ['loss.terms.logdet_entropy.weight=0.5, optim.base_lr=0.3',
+                                  'loss.terms.logdet_entropy.weight=0.05, optim.base_lr=0.3']
+  # The middle learning rate is no end; 1.0 is the largest tried. 'variant' is no
+  # number and a setting every trial shares (optim.base_lr=0.3) has no end.
+  assert experiment_report.edge_choices(exp, {'vicreg': 1, 'vicreg_it': None}) == {}
+  assert experiment_report.edge_choices(exp, {'vicreg': 2, 'vicreg_it': 1}) == {
+      'vicreg': [('optim.base_lr', '1.0', 'largest')],
+      'vicreg_it': [('loss.terms.logdet_entropy.weight', '0.05', 'smallest')]}
+  cells = grid.tuning_cells(exp)
+  results = {c.name: fake_result(c, 0.9 if (c.method, c.trial) in (('vicreg', 2),
+                                                                   ('vicreg_it', 1)) else 0.5)
+             for c in cells}
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
+  assert ('Chosen at an end of its grid (the best setting may lie beyond it): vicreg '
+          'optim.base_lr=1.0 (the largest tried); vicreg_it loss.terms.logdet_entropy.weight=0.05 '
+          '(the smallest tried).') in table
+
+
 def test_the_cost_line_sums_the_cells_and_gives_their_median_and_range():
   exp = experiment_config()
   cells = grid.tuning_cells(exp) + grid.final_cells(exp, {'vicreg': 0, 'vicreg_it': 0})
