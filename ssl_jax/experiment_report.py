@@ -342,9 +342,19 @@ def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
       parts[part] = parts.get(part, 0.0) + sec
   n = len(walls)
   median = (walls[n // 2] if n % 2 else (walls[n // 2 - 1] + walls[n // 2]) / 2) if n else None
+  timed = [r for r in results.values() if r.get('wall_time_sec') is not None]
+  hosts: dict[str, int] = {}
+  for r in timed:
+    if r.get('host'):
+      hosts[r['host']] = hosts.get(r['host'], 0) + 1
   return {'cells': n, 'total_sec': sum(walls), 'median_sec': median,
           'min_sec': walls[0] if n else None, 'max_sec': walls[-1] if n else None,
-          'parts_sec': parts}
+          'parts_sec': parts,
+          # Recorded since the runner watched for stops: older cells have none.
+          'stopped_sec': sum(r.get('stopped_sec') or 0.0 for r in timed),
+          'cells_recording_stops': sum('stopped_sec' in r for r in timed),
+          'resumed_cells': sum(bool(r.get('start_step')) for r in timed),
+          'hosts': hosts, 'cells_without_host': sum(not r.get('host') for r in timed)}
 
 
 # ----------------------------------------------------------------------------
@@ -427,12 +437,33 @@ def cost_markdown(cost: dict[str, Any]) -> list[str]:
     return []
   parts = ', '.join(f'{name} {sec / 3600:.1f} h' for name, sec in
                     sorted(cost['parts_sec'].items(), key=lambda kv: -kv[1]))
-  return ['', f'Cost: {cost["cells"]} cells took {cost["total_sec"] / 3600:.1f} h in all '
+  text = (f'Cost: {cost["cells"]} cells took {cost["total_sec"] / 3600:.1f} h in all '
           f'(median cell {cost["median_sec"] / 60:.1f} min, '
           f'{cost["min_sec"] / 60:.1f}-{cost["max_sec"] / 60:.1f})'
           + (f'; {parts}' if parts else '') + '. A cell\'s time includes any time it '
-          'shared the cores with other work or was stopped, and a cell does not record the '
-          'machine it ran on.']
+          'shared the cores with other work')
+  older = cost['cells'] - cost['cells_recording_stops']
+  if not cost['cells_recording_stops']:
+    text += ' or was stopped.'
+  else:
+    text += (f', and the {cost["stopped_sec"] / 3600:.1f} h that '
+             f'{_count(cost["cells_recording_stops"], "cell")} spent stopped'
+             + (f' ({_count(older, "earlier cell")} did not record stops).' if older else '.'))
+  if cost['resumed_cells']:
+    text += (f' {_count(cost["resumed_cells"], "cell")} resumed part-way after an '
+             'interruption; only the last process of each is counted.')
+  if cost['hosts']:
+    text += ' Machines: ' + ', '.join(f'{name} ({_count(k, "cell")})' for name, k in
+                                      sorted(cost['hosts'].items(), key=lambda kv: -kv[1]))
+    text += (f'; {cost["cells_without_host"]} earlier do not record theirs.'
+             if cost['cells_without_host'] else '.')
+  else:
+    text += ' The cells do not record the machine they ran on.'
+  return ['', text]
+
+
+def _count(n: int, noun: str) -> str:
+  return f'{n} {noun}' + ('' if n == 1 else 's')
 
 
 def markdown(experiment, results: dict[str, dict], summary: dict[str, Any]) -> str:

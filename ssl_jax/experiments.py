@@ -248,8 +248,11 @@ class Runner:
     self.started_here += 1
     self.progress(f'started {cell.name}')
 
-  def record(self, cell: grid.Cell, summary: dict[str, Any], code: tuple[str, str]) -> None:
+  def record(self, cell: grid.Cell, summary: dict[str, Any], code: tuple[str, str],
+             stopped_sec: float = 0.0) -> None:
     result = grid.result_from_summary(cell, summary, *code)
+    # Seconds its process was stopped (PauseClock), which wall_time_sec includes.
+    result['stopped_sec'] = stopped_sec
     marker = os.path.join(self.root, cell.name, REUSE_MARKER)
     if os.path.exists(marker):
       with open(marker) as f:
@@ -274,7 +277,7 @@ class Runner:
       workdir = os.path.join(self.root, name)
       summary = finished_summary(workdir)
       if summary is not None:
-        self.record(cell, summary, at_start)
+        self.record(cell, summary, at_start, paused)
         self.cell_seconds.append(time.time() - started - paused)
         pause_note = f', of which {paused / 60:.1f} min stopped' if paused >= 30 else ''
         self.progress(f'finished {name} in {(time.time() - started) / 60:.1f} min{pause_note} '

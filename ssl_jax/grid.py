@@ -270,6 +270,9 @@ def result_from_summary(cell: Cell, summary: dict[str, Any], commit: str, code: 
       'metrics': summary['eval'], 'steps': summary['steps'],
       'wall_time_sec': summary['wall_time_sec'], 'config': summary['config'],
       'time_breakdown_sec': summary.get('time_breakdown_sec'),
+      # The cost's context: the machine, and the step the last process started
+      # at (a cell resumed part-way records only its last process's time).
+      'host': summary.get('host'), 'start_step': summary.get('start_step'),
       'baselines': {name: summary[f'baseline_{name}'] for name in ('raw_pixels', 'random_init')
                     if f'baseline_{name}' in summary},
   }

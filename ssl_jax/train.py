@@ -25,6 +25,7 @@ from ssl_jax import allocator
 from ssl_jax import checkpointing
 from ssl_jax import diagnostics
 from ssl_jax import evaluate
+from ssl_jax import host
 from ssl_jax import input_pipeline
 from ssl_jax import lapack_threads
 from ssl_jax import metrics as metrics_lib
@@ -273,8 +274,9 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
 
   summary: dict[str, Any] = {
       'method': config.method, 'dataset': config.data.name, 'status': status,
-      'steps': final_step, 'total_steps': total_steps, 'wall_time_sec': None,
-      'train_time_sec': train_seconds, 'devices': mesh.size,
+      'steps': final_step, 'total_steps': total_steps, 'start_step': start_step,
+      'wall_time_sec': None, 'train_time_sec': train_seconds, 'devices': mesh.size,
+      'host': host.describe(),
       'malloc': 'tcmalloc' if allocator.tcmalloc_loaded() else 'system',
       'config': json.loads(config.to_json_best_effort()),
   }

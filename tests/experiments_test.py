@@ -15,6 +15,7 @@ from scipy import stats
 from ssl_jax import experiment_report
 from ssl_jax import experiments
 from ssl_jax import grid
+from ssl_jax import host
 
 
 def experiment_config(**overrides):
@@ -382,7 +383,19 @@ def test_the_cost_line_sums_the_cells_and_gives_their_median_and_range():
                                'start-up, compilation and the rest': 3.0 * 180}
   table = experiment_report.markdown(exp, results, summary)
   assert ('Cost: 7 cells took 3.0 h in all (median cell 13.0 min, 10.0-90.0); steps 2.5 h, '
-          'evaluation 0.3 h, start-up, compilation and the rest 0.1 h.') in table
+          'evaluation 0.3 h, start-up, compilation and the rest 0.1 h. A cell\'s time includes '
+          'any time it shared the cores with other work or was stopped. The cells do not '
+          'record the machine they ran on.') in table
+  # Cells from a runner that records stops, resumptions and the machine.
+  for name, stopped, start, machine in (('vicreg__final__s0', 1800.0, 0, 'CPU A, 2 cores'),
+                                        ('vicreg__final__s1', 0.0, 500, 'CPU B, 2 cores'),
+                                        ('vicreg_it__final__s0', 0.0, 0, 'CPU A, 2 cores')):
+    results[name].update(stopped_sec=stopped, start_step=start, host=machine)
+  table = experiment_report.markdown(exp, results, experiment_report.summarise(exp, results))
+  assert ('other work, and the 0.5 h that 3 cells spent stopped (4 earlier cells did not record '
+          'stops). 1 cell resumed part-way after an interruption; only the last process of each '
+          'is counted. Machines: CPU A, 2 cores (2 cells), CPU B, 2 cores (1 cell); 4 '
+          'earlier do not record theirs.') in table
   # Final cells: vicreg seeds 0, 1 took 11 and 13 min, vicreg_it 90 and 14: the
   # median and range, not a t-interval over interruptions.
   finals = {c.name: m for c, m in zip(cells, (10, 12, 30, 11, 13, 90, 14)) if c.stage == 'final'}
@@ -483,6 +496,11 @@ def test_a_killed_cell_resumes_and_finished_cells_are_skipped(tmp_path, monkeypa
   assert recorded['vicreg__tune0__s0']['steps'] == 40
   assert recorded['vicreg__tune0__s0']['evaluated_on'] == 'validation'
   assert recorded['vicreg__final__s0']['evaluated_on'] == 'test'
+  # The cost's context: this machine, the step the last process resumed at (the
+  # checkpoint the kill left, 2 or later), and no time stopped.
+  tune = recorded['vicreg__tune0__s0']
+  assert tune['host'] == host.describe() and 2 <= tune['start_step'] < 40
+  assert tune['stopped_sec'] == 0.0
   # The final cell at the tuning seed restored the tuning run's last checkpoint
   # and only evaluated it.
   assert recorded['vicreg__final__s0']['pretraining_from']['cell'] == 'vicreg__tune0__s0'
