@@ -46,6 +46,7 @@ import train_step  # pylint: disable=g-import-not-at-top  (benchmarks/: matmul_p
 from configs import vicreg_it  # pylint: disable=g-import-not-at-top
 from ssl_jax import allocator
 from ssl_jax import conv
+from ssl_jax import host
 from ssl_jax import winograd
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -191,7 +192,7 @@ def main():
   batch = 2 * config.data.batch_size
   peak_before = train_step.matmul_peak() / 1e9
   malloc = 'tcmalloc' if allocator.tcmalloc_loaded() else 'glibc malloc'
-  print(f'{train_step.cpu_name()}, {malloc}; float32 matmul {peak_before:.1f} GFLOP/s; small CNN '
+  print(f'{host.cpu_name()}, {malloc}; float32 matmul {peak_before:.1f} GFLOP/s; small CNN '
         f'{channels}, {batch} images (two views of {config.data.batch_size}); ms, median of '
         f'{args.rounds} rounds of {args.calls} calls\n')
   if args.parts:

@@ -43,7 +43,8 @@ import sys
 import tempfile
 import time
 
-import train_step as step_bench   # benchmarks/: matmul_peak, cpu_name
+import train_step as step_bench   # benchmarks/: matmul_peak
+from ssl_jax import host  # (on the path train_step sets)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ['-m', 'ssl_jax.main', '--config=configs/vicreg_it.py']
@@ -200,7 +201,7 @@ def main():
     runs = previous.get(text, {}).get('runs', []) if previous.get(text, {}).get(
         'commit') == commit else []
     contenders[text] = {'commit': commit, 'path': path, 'flags': flags, 'runs': runs}
-  result = {'cpu': step_bench.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
+  result = {'cpu': host.cpu_name(), 'argv': sys.argv[1:], 'warm': args.warm,
             'evaluation_only': args.evaluation_only, 'contenders': contenders}
   if args.evaluation_only:
     for entry in contenders.values():

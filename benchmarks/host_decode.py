@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ssl_jax import host  # pylint: disable=g-import-not-at-top  (after the path)
+
 # Common ILSVRC-2012 train shapes (w, h) and rough shares; mean about 400 x 350.
 SHAPES = ((500, 375, 0.45), (375, 500, 0.12), (500, 333, 0.13), (333, 500, 0.04),
           (500, 500, 0.05), (640, 480, 0.06), (800, 600, 0.05), (300, 225, 0.10))
@@ -88,9 +90,7 @@ def main():
   tf.config.set_visible_devices([], 'GPU')
   jpegs = synthetic_jpegs(args.images)
   kb = sum(len(j) for j in jpegs) / len(jpegs) / 1024
-  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
-              if l.startswith('model name')), 'unknown CPU')
-  print(f'{len(jpegs)} synthetic JPEGs, mean {kb:.0f} KB; {cpu}, {os.cpu_count()} cores')
+  print(f'{len(jpegs)} synthetic JPEGs, mean {kb:.0f} KB; {host.describe()}')
   per_core = None
   print('| tf.data threads | images/s (2 crops of 224 each) | per thread |')
   print('|---|---|---|')

@@ -22,6 +22,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
 import train_step  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
 from ssl_jax import allocator  # pylint: disable=g-import-not-at-top
+from ssl_jax import host  # pylint: disable=g-import-not-at-top
 from ssl_jax import lapack_threads  # pylint: disable=g-import-not-at-top
 
 
@@ -31,7 +32,7 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   args = parser.parse_args()
   peak = train_step.matmul_peak()
-  print(f'{train_step.cpu_name()}; float32 matmul {peak / 1e9:.1f} GFLOP/s; '
+  print(f'{host.cpu_name()}; float32 matmul {peak / 1e9:.1f} GFLOP/s; '
         f'tcmalloc {allocator.tcmalloc_loaded()}')
   step = train_step.JaxStep(train_step._config('cnn512', 'winograd'))  # pylint: disable=protected-access
   step.time(2)  # compiled and warm

@@ -37,7 +37,8 @@ import sys
 import time
 from typing import Optional
 
-import train_step as step_bench   # benchmarks/: matmul_peak, cpu_name
+import train_step as step_bench   # benchmarks/: matmul_peak
+from ssl_jax import host  # (on the path train_step sets)
 
 # Two lengths, so that a line through them prices the periodic work: fitted on
 # one 60-step run's logged throughput alone, the first 10-minute runs took 11.9
@@ -172,7 +173,7 @@ def main():
   args = parser.parse_args()
   budgets = [float(b) for b in args.budgets.split(',')]
   peak = step_bench.matmul_peak()
-  machine = f'{step_bench.cpu_name()}, {os.cpu_count()} cores, float32 matmul {peak / 1e9:.1f} GFLOP/s'
+  machine = f'{host.describe()}, float32 matmul {peak / 1e9:.1f} GFLOP/s'
   print(machine, flush=True)
   rows = []
   for contender in args.contenders.split(','):

@@ -38,7 +38,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax import allocator
+from ssl_jax import host
 from ssl_jax import input_pipeline
 from ssl_jax import lapack_threads
 from ssl_jax import runs
@@ -67,26 +67,6 @@ def matmul_peak(n=4096, repeats=5):
     jax.block_until_ready(f(a))
     best = min(best, time.perf_counter() - start)
   return 2 * n ** 3 / best
-
-
-def cpu_name() -> str:
-  """The CPU's model name, with its family and model numbers where the name alone is vague
-  (a cloud's 'AMD EPYC' is Zen 4 at family 25 and Zen 5 at family 26)."""
-  fields = {}
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if not key.strip():
-          break  # the first processor's block is enough
-        fields.setdefault(key.strip(), value.strip())
-  except OSError:
-    pass
-  if 'model name' not in fields:
-    return platform.processor() or 'unknown CPU'
-  if 'cpu family' in fields and 'model' in fields:
-    return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
-  return fields['model name']
 
 
 def _random_batch(run, mesh):
@@ -235,7 +215,7 @@ def main():
   if args.worker:
     return worker(*args.worker)
   peak = matmul_peak()
-  print(f'{cpu_name()}; backend {jax.default_backend()}, {jax.device_count()} device(s); '
+  print(f'{host.cpu_name()}; backend {jax.default_backend()}, {jax.device_count()} device(s); '
         f'measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s', flush=True)
   names = args.contenders.split(',')
   if args.torch:
