@@ -11,7 +11,8 @@ devices, with the global batch scaled down to devices x batch_per_device
 checks (XLA's own convolutions, the Gram route where the batch is smaller
 than the embedding width), prints the step's FLOPs per image from XLA's cost
 analysis, and the images/s per chip and step time of the config's own global
-batch that 50% of each chip's published bfloat16 peak would give.
+batch that 50% of each chip's published peak would give (bfloat16, or for a
+float32 config the rate its matmuls run at by default).
 """
 
 import argparse
@@ -62,12 +63,15 @@ def main():
   flops = lowering.flops_per_image(scaled, mesh)
   print(f'  XLA cost analysis: {flops / 1e9:.2f} GFLOP per source image (both views, '
         'forward and backward, loss and optimiser)')
-  print(f'  at {100 * args.mfu:.0f}% of the published bfloat16 peak:')
-  for chip, peak in lowering.PEAK_BF16.items():
+  peaks = lowering.peak_flops(full.model.dtype)
+  print(f'  at {100 * args.mfu:.0f}% of the published dense peak for {full.model.dtype} '
+        '(float32 matmuls run as one bfloat16 pass on TPU and as TF32 on an H100):')
+  for chip, peak in peaks.items():
     rate = args.mfu * peak / flops
     step_time = full.data.batch_size / rate
-    print(f'    {chip:9s} {rate:8.0f} images/s per chip; global batch {full.data.batch_size}: '
-          f'{step_time:.3f} s/step on one chip, {step_time / 8 * 1e3:.0f} ms on 8')
+    print(f'    {chip:9s} {peak / 1e12:6.1f} TFLOP/s peak, {rate:8.0f} images/s per chip; global '
+          f'batch {full.data.batch_size}: {step_time * 1e3:.1f} ms/step on one chip, '
+          f'{step_time / 8 * 1e3:.1f} ms on 8')
 
 
 if __name__ == '__main__':

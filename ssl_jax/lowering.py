@@ -32,6 +32,15 @@ from ssl_jax import train
 # v5e (197 TFLOP/s) from Google Cloud's TPU documentation, H100 SXM (989.4
 # TFLOP/s) from NVIDIA's H100 datasheet.
 PEAK_BF16 = {'TPU v4': 275e12, 'TPU v5e': 197e12, 'H100 SXM': 989.4e12}
+# A float32 step's matmuls at JAX's default precision: one bfloat16 pass on
+# TPU (the bfloat16 peak), TF32 on an H100 (494.7 TFLOP/s dense, the same
+# datasheet): half the rate.
+PEAK_FLOAT32 = {'TPU v4': 275e12, 'TPU v5e': 197e12, 'H100 SXM': 494.7e12}
+
+
+def peak_flops(dtype: str) -> dict[str, float]:
+  """Each chip's published dense peak for a step whose compute dtype is dtype."""
+  return PEAK_BF16 if dtype == 'bfloat16' else PEAK_FLOAT32
 # A Cholesky factorisation's operand: the op itself (TPU) or the function that
 # wraps the solver call (cusolver on CUDA).
 _CHOLESKY = re.compile(r'(?:stablehlo\.cholesky %[\w#]+, lower = true : '
