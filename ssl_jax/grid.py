@@ -21,6 +21,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from ssl_jax import cli
+from ssl_jax import metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTION_METRIC = 'linear_test_acc'   # in tuning cells, accuracy on the validation split
@@ -233,14 +234,14 @@ def workdir_config(workdir: str) -> Optional[dict[str, Any]]:
     return None
 
 
-# What ssl_jax.main prints for a train.NonFiniteLossError, whose message starts
-# this way (tests/cli_test.py runs a diverging command and checks the match).
-DIVERGED_LINE = cli.error_line('ssl_jax.main', 'Non-finite loss')
+# What ssl_jax.main prints for a metrics.NonFiniteLossError (tests/cli_test.py
+# runs a diverging command and checks the match).
+DIVERGED_LINE = cli.error_line('ssl_jax.main', metrics.NonFiniteLossError.MESSAGE_START)
 
 
 def diverged_result(cell: Cell, log_text: str, seconds: float, commit: str, code: str,
                     config: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
-  """A result for a cell whose loss became non-finite (ssl_jax.train.NonFiniteLossError).
+  """A result for a cell whose loss became non-finite (metrics.NonFiniteLossError).
 
   A diverged trial is an outcome of the grid, not a crash: resuming it would
   replay the same steps to the same NaN. It has no metrics and is never

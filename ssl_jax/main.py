@@ -244,7 +244,7 @@ def main(argv, f: Flags):
     # message says where the last good state is).
     run_errors = (checkpointing.IncompatibleCheckpointError,
                   checkpointing.CorruptCheckpointError,
-                  checkpointing.CheckpointWriteError, train.NonFiniteLossError)
+                  checkpointing.CheckpointWriteError, metrics.NonFiniteLossError)
     with cli.one_line_errors('ssl_jax.main', run_errors), \
          cli.one_line_errors('ssl_jax.main', (runs.ConfigError,),
                              hint='--dry_run checks a config without training'):

@@ -17,6 +17,16 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and checkpoint.
+
+  Here rather than in ssl_jax.train (which imports TensorFlow) so that the
+  grid, which reads a diverged cell's one-line error, shares the message's
+  start instead of restating it.
+  """
+  MESSAGE_START = 'Non-finite loss'
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard event files and to metrics.jsonl.
 

@@ -35,10 +35,6 @@ from ssl_jax import train_step as train_step_lib
 from ssl_jax import workdir_lock
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the message names the step and checkpoint."""
-
-
 class StopRequest:
   """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
 
@@ -197,8 +193,8 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
         good = manager.latest_step()
         where = (f'the last good checkpoint is step {good} in {manager.directory}'
                  if good is not None else 'no checkpoint was saved before it')
-        raise NonFiniteLossError(
-            f'Non-finite loss ({bad[1]}) at step {bad[0]} (checked up to step {upto_step}); '
+        raise metrics_lib.NonFiniteLossError(
+            f'{metrics_lib.NonFiniteLossError.MESSAGE_START} ({bad[1]}) at step {bad[0]} (checked up to step {upto_step}); '
             f'{where}. The bad state was not saved. Lower optim.base_lr, raise the warm-up, '
             'or check the loss weights; resuming restarts from that checkpoint.')
 

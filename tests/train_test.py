@@ -19,6 +19,7 @@ from flax import nnx
 from ssl_jax import augment
 from ssl_jax import checkpointing
 from ssl_jax import embed
+from ssl_jax import metrics as metrics_lib
 from ssl_jax import models
 from ssl_jax import objectives
 from ssl_jax import optim
@@ -301,7 +302,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
         lambda x: x * jnp.nan, objective(outputs, axis_name))
 
   monkeypatch.setattr(objectives, 'build_objective', poisoned)
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(metrics_lib.NonFiniteLossError,
                      match=r'Non-finite loss \(nan\) at step 2 .*last good checkpoint is step 2'):
     train.train_and_evaluate(smoke_config('vicreg', **kw), str(tmp_path))
   # The bad state was not saved.
