@@ -22,6 +22,7 @@ rejects. Then:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -332,8 +333,8 @@ def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
   the cores with other work or was stopped: the sum bounds the experiment's
   cost on an otherwise idle machine from above.
   """
-  walls = sorted(r['wall_time_sec'] for r in results.values()
-                 if r.get('wall_time_sec') is not None)
+  timed = [r for r in results.values() if r.get('wall_time_sec') is not None]
+  walls = sorted(r['wall_time_sec'] for r in timed)
   parts: dict[str, float] = {}
   for r in results.values():
     for name, sec in (r.get('time_breakdown_sec') or {}).items():
@@ -342,11 +343,7 @@ def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
       parts[part] = parts.get(part, 0.0) + sec
   n = len(walls)
   median = (walls[n // 2] if n % 2 else (walls[n // 2 - 1] + walls[n // 2]) / 2) if n else None
-  timed = [r for r in results.values() if r.get('wall_time_sec') is not None]
-  hosts: dict[str, int] = {}
-  for r in timed:
-    if r.get('host'):
-      hosts[r['host']] = hosts.get(r['host'], 0) + 1
+  hosts = collections.Counter(r['host'] for r in timed if r.get('host'))
   return {'cells': n, 'total_sec': sum(walls), 'median_sec': median,
           'min_sec': walls[0] if n else None, 'max_sec': walls[-1] if n else None,
           'parts_sec': parts,
@@ -354,7 +351,7 @@ def summarise_cost(results: dict[str, dict]) -> dict[str, Any]:
           'stopped_sec': sum(r.get('stopped_sec') or 0.0 for r in timed),
           'cells_recording_stops': sum('stopped_sec' in r for r in timed),
           'resumed_cells': sum(bool(r.get('start_step')) for r in timed),
-          'hosts': hosts, 'cells_without_host': sum(not r.get('host') for r in timed)}
+          'hosts': dict(hosts), 'cells_without_host': sum(not r.get('host') for r in timed)}
 
 
 # ----------------------------------------------------------------------------
