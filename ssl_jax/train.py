@@ -193,8 +193,9 @@ def _train_and_evaluate(config, workdir: str, *, reevaluate: bool, start_time: f
         good = manager.latest_step()
         where = (f'the last good checkpoint is step {good} in {manager.directory}'
                  if good is not None else 'no checkpoint was saved before it')
-        raise metrics_lib.NonFiniteLossError(
-            f'{metrics_lib.NonFiniteLossError.MESSAGE_START} ({bad[1]}) at step {bad[0]} (checked up to step {upto_step}); '
+        error = metrics_lib.NonFiniteLossError
+        raise error(
+            f'{error.MESSAGE_START} ({bad[1]}) at step {bad[0]} (checked up to step {upto_step}); '
             f'{where}. The bad state was not saved. Lower optim.base_lr, raise the warm-up, '
             'or check the loss weights; resuming restarts from that checkpoint.')
 
